@@ -1,0 +1,2 @@
+"""dpldm: differentially private fine-tuning of latent diffusion models."""
+__version__ = "0.1.0"

