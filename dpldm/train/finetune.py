@@ -1,0 +1,258 @@
+"""`dpldm finetune CONFIG [overrides]`: DP fine-tuning of adapters inside a frozen latent U-Net.
+
+One logical step (identical on 1 or many ranks, for any micro-batch size):
+  1. the global Poisson sampler draws the step's indices (each example independently with prob. q);
+     every rank holds the same sampler state and takes its own slice;
+  2. each example draws K (timestep, noise) pairs from a generator keyed by (seed, step, index);
+     its loss is the mean of its K losses (noise multiplicity);
+  3. per-example gradients of the trainable parameters only, each clipped to C, summed;
+  4. the sums are all-reduced; every rank adds the same N(0, σ²C²) noise (drawn once per logical step
+     from a generator keyed by (seed, step)) and divides by the expected batch size q·N;
+  5. the optimizer steps. The ledger (privacy.json) is updated at every checkpoint.
+`privacy.enabled=false` runs the same loop with plain summed gradients, no clipping and no noise.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from dpldm.config import Config, load_config, save_config
+from dpldm.data.latent_cache import LatentCache, ensure_cache
+from dpldm.data.poisson import PoissonSampler, split_for_rank
+from dpldm.distributed.env import all_reduce_sum_, init_distributed
+from dpldm.errors import DpldmError
+from dpldm.models.diffusion_loss import _example_seed, diffusion_loss, example_draws
+from dpldm.privacy import accountant as acc
+from dpldm.privacy.dp_step import add_noise_and_normalize, assert_dp_compatible, clipped_grad_sum, noise_generator
+from dpldm.privacy.ledger import Ledger
+from dpldm.train.trainer import Trainer, log
+
+
+def example_flips(seed: int, step: int, indices) -> np.ndarray:
+    """Which view (original / horizontally flipped) each example uses this step (data.flip)."""
+    return np.array([torch.rand((), generator=torch.Generator().manual_seed(
+        _example_seed(seed, step, int(i)) ^ 0x5F1F)).item() < 0.5 for i in indices], dtype=bool)
+
+
+class ConditionEncoder:
+    """Maps cache records to U-Net conditioning: class prompts (cached table) or captions."""
+
+    def __init__(self, comps, cfg: Config, cache: LatentCache, device):
+        from dpldm.models.pipeline import class_prompts, encode_prompts
+        self.comps, self.device = comps, device
+        self._encode = partial(encode_prompts, comps)
+        meta = getattr(comps, "meta", {}) or {}
+        self.class_names = list(meta.get("class_names") or cfg.model.class_names)
+        template = meta.get("prompt_template") or cfg.model.prompt_template
+        self.use_labels = bool(cache.meta.get("labels_present")) and not any(cache.texts)
+        self.null = self._encode([""]).to(device)[0]
+        self.table = None
+        if self.use_labels:
+            n_classes = int(cache.labels.max()) + 1
+            if len(self.class_names) < n_classes:
+                if self.class_names:
+                    raise DpldmError(f"model: the pipeline names {len(self.class_names)} classes but the private "
+                                     f"data has labels up to {n_classes - 1}")
+                self.class_names = [str(i) for i in range(n_classes)]
+            self.prompts = class_prompts(self.class_names, template)
+            self.table = self._encode(self.prompts).to(device)
+
+    def __call__(self, batch: dict, drop: torch.Tensor) -> torch.Tensor:
+        if self.use_labels:
+            if (batch["labels"] < 0).any():
+                raise DpldmError("data.private: an example has no label although the set is class-conditional")
+            cond = self.table[batch["labels"].to(self.device)]
+        elif len(batch["texts"]):
+            cond = self._encode(batch["texts"]).to(self.device)
+        else:
+            cond = self.null.expand(0, *self.null.shape)
+        if len(cond):
+            cond = torch.where(drop.to(self.device)[:, None, None], self.null.expand_as(cond), cond)
+        return cond
+
+
+class FinetuneTrainer(Trainer):
+    def __init__(self, cfg, run_dir, comps, cache: LatentCache, trainable, total_steps, env, ledger: Ledger,
+                 sampler: PoissonSampler, device):
+        super().__init__(cfg, run_dir, comps.unet, trainable, total_steps, env)
+        self.comps, self.cache, self.ledger, self.sampler, self.device = comps, cache, ledger, sampler, device
+        self.cond = ConditionEncoder(comps, cfg, cache, device)
+        self.alphas = comps.scheduler.alphas_cumprod.to(device)
+        self.private = cfg.privacy.enabled
+        self.clip = cfg.privacy.max_grad_norm if cfg.privacy.enabled else None
+        self.sigma = ledger.noise_multiplier
+        self._eps_cache: tuple[int, float] | None = None
+
+    def _loss_fn(self, params, x0, cond, t, noise):
+        unet = self.module
+
+        def call(x_t, tt, c):
+            return functional_call(unet, params, (x_t, tt), {"encoder_hidden_states": c, "return_dict": False})[0]
+        return diffusion_loss(call, self.alphas, x0[None], cond[None], t[None], noise[None],
+                              self.cfg.model.prediction_type)[0]
+
+    def _plain_grad_sum(self, batch) -> tuple[dict, dict]:
+        """Non-private: summed (unclipped) gradients by ordinary backprop, in micro-batches."""
+        params = self.engine.params()
+        total = {k: torch.zeros_like(v) for k, v in params.items()}
+        loss_sum, n = 0.0, len(batch[0])
+        mb = max(1, self.cfg.train.microbatch_size)
+        for s in range(0, n, mb):
+            x0, cond, t, noise = (b[s:s + mb] for b in batch)
+
+            def call(x_t, tt, c):
+                return self.module(x_t, tt, encoder_hidden_states=c, return_dict=False)[0]
+            losses = diffusion_loss(call, self.alphas, x0, cond, t, noise, self.cfg.model.prediction_type)
+            grads = torch.autograd.grad(losses.sum(), list(params.values()))
+            for k, g in zip(params, grads):
+                total[k] += g
+            loss_sum += float(losses.sum())
+        return total, {"n": n, "loss_sum": loss_sum}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        indices = self.sampler.next_indices()
+        local = split_for_rank(indices, self.env.rank, self.env.world_size)
+        flips = example_flips(cfg.seed, step, local) if self.cache.flipped is not None else None
+        batch = self.cache.get(local, flips)
+        t, noise, drop = example_draws(cfg.seed, step, local, cfg.privacy.noise_multiplicity,
+                                       self.cache.latent_shape, self.comps.scheduler.config.num_train_timesteps,
+                                       cfg.model.cond_dropout)
+        cond = self.cond(batch, drop)
+        tensors = (batch["latents"].to(self.device), cond, t.to(self.device), noise.to(self.device))
+        if self.private:
+            grad_sum, stats = clipped_grad_sum(self._loss_fn, self.engine.params(), tensors, self.clip,
+                                               cfg.train.microbatch_size)
+        else:
+            grad_sum, stats = self._plain_grad_sum(tensors)
+        counts = {"n": torch.tensor([float(stats["n"]), stats["loss_sum"]])}
+        all_reduce_sum_(grad_sum)
+        all_reduce_sum_(counts)
+        n_global, loss_global = int(counts["n"][0]), float(counts["n"][1])
+        expected = cfg.privacy.expected_batch_size
+        if self.private:
+            grads = add_noise_and_normalize(grad_sum, self.sigma, self.clip, expected,
+                                            noise_generator(cfg.seed, step))
+        else:
+            grads = {k: v / expected for k, v in grad_sum.items()}
+        self.engine.set_grads(grads)
+        self.engine.step()
+        return {"loss": loss_global / max(n_global, 1) if n_global else float("nan"), "samples": n_global}
+
+    def epsilon_at(self, steps: int) -> float:
+        if self._eps_cache is None or self._eps_cache[0] != steps:
+            self._eps_cache = (steps, self.ledger.spend(steps) if self.private and self.sigma > 0 else math.inf)
+        return self._eps_cache[1]
+
+    def progress_fields(self) -> str:
+        if not self.private:
+            return " | NOT PRIVATE (privacy.enabled=false)"
+        eps = self.epsilon_at(self.step)
+        return f" | eps {eps:.3g}/{self.ledger.target_epsilon:g}" + (" NOT PRIVATE" if self.sigma == 0 else "")
+
+    def extra_state(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def on_checkpoint(self, step: int) -> None:
+        from dpldm.models.adapters import save_adapter
+        if self.env.is_main:
+            self.epsilon_at(step)
+            self.ledger.steps = step
+            self.ledger.save(self.run_dir)
+            save_adapter(self.module, self.cfg.adapter, self.run_dir / "adapter")
+
+
+def plan(cfg: Config, n: int) -> tuple[float, int, float]:
+    """Sample rate q, number of logical steps T and noise multiplier σ for this config and N."""
+    p = cfg.privacy
+    if p.expected_batch_size <= 0 or p.expected_batch_size > n:
+        raise DpldmError(f"privacy.expected_batch_size must be in [1, N={n}]; got {p.expected_batch_size}")
+    q = p.expected_batch_size / n
+    steps = cfg.train.steps or math.ceil(cfg.train.epochs / q)
+    if steps <= 0:
+        raise DpldmError("train.steps (or train.epochs) must be > 0")
+    if not p.enabled:
+        return q, steps, 0.0
+    acc.validate(q, p.delta, noise_multiplier=p.noise_multiplier, steps=steps, dataset_size=n)
+    sigma = p.noise_multiplier if p.noise_multiplier is not None else \
+        acc.noise_multiplier_for(p.target_epsilon, q, steps, p.delta, p.accountant)
+    return q, steps, float(sigma)
+
+
+def new_ledger(cfg: Config, n: int, q: float, sigma: float) -> Ledger:
+    p = cfg.privacy
+    warnings = []
+    if not p.enabled:
+        warnings.append("NOT PRIVATE: privacy.enabled=false (no clipping, no noise): the No-DP baseline")
+    elif sigma == 0:
+        warnings.append("NOT PRIVATE: noise multiplier is 0 (clipping only): epsilon is infinite")
+    return Ledger(epsilon=0.0, delta=p.delta, target_epsilon=p.target_epsilon, accountant=p.accountant,
+                  noise_multiplier=sigma, sample_rate=q, steps=0, max_grad_norm=p.max_grad_norm,
+                  noise_multiplicity=p.noise_multiplicity, dataset_size=n, expected_batch_size=p.expected_batch_size,
+                  sampling="poisson", private=bool(p.enabled and sigma > 0), warnings=warnings, history=[])
+
+
+def check_resume(ledger: Ledger, fresh: Ledger, run_dir: Path) -> None:
+    for field in ("sample_rate", "noise_multiplier", "max_grad_norm", "noise_multiplicity", "dataset_size",
+                  "accountant", "delta", "private"):
+        old, new = getattr(ledger, field), getattr(fresh, field)
+        same = math.isclose(old, new, rel_tol=1e-9) if isinstance(old, float) else old == new
+        if not same:
+            raise DpldmError(f"{run_dir}/privacy.json: {field} was {old!r}, the config now gives {new!r}; "
+                             "resume with the same privacy settings or use a new output.dir")
+
+
+def run_finetune(cfg: Config) -> Path:
+    from dpldm.models.adapters import attach_adapter, parameter_table, trainable_named_parameters
+    from dpldm.models.pipeline import load_pipeline
+
+    env = init_distributed(cfg.distributed.backend)
+    device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.output.dir)
+    if not cfg.model.pretrained:
+        raise DpldmError("model.pretrained: set it to a diffusers pipeline folder (Stable-Diffusion layout)")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    comps = load_pipeline(cfg.model.pretrained, device=str(device))
+    cache = ensure_cache(cfg, comps.vae, env, log=lambda m: log(m, env))
+    attach_adapter(comps.unet, cfg.adapter)
+    comps.unet.to(device)
+    trainable = trainable_named_parameters(comps.unet)
+    assert_dp_compatible(comps.unet)
+    log(parameter_table(comps.unet), env)
+
+    n = len(cache)
+    q, steps, sigma = plan(cfg, n)
+    fresh = new_ledger(cfg, n, q, sigma)
+    ledger = fresh
+    if Ledger.exists(run_dir):
+        ledger = Ledger.load(run_dir)
+        check_resume(ledger, fresh, run_dir)
+    if ledger.private:
+        ledger.check_budget(steps)
+    for w in ledger.warnings:
+        log(f"!!! {w}", env)
+    log(f"finetune: N={n} q={q:.5g} steps={steps} sigma={sigma:.4g} C={cfg.privacy.max_grad_norm} "
+        f"K={cfg.privacy.noise_multiplicity} accountant={cfg.privacy.accountant} "
+        f"target eps={cfg.privacy.target_epsilon} delta={cfg.privacy.delta} ranks={env.world_size}", env)
+    sampler = PoissonSampler(n, q, cfg.seed)
+    trainer = FinetuneTrainer(cfg, run_dir, comps, cache, trainable, steps, env, ledger, sampler, device)
+    trainer.fit()
+    if ledger.private:
+        log(f"finetune: done, ({ledger.epsilon:.4g}, {ledger.delta:g})-DP spent ({ledger.accountant})", env)
+    return run_dir
+
+
+def main(args) -> int:
+    run_finetune(load_config(args.config, args.overrides))
+    return 0
