@@ -1,0 +1,185 @@
+"""`dpldm sample RUN`: class- or text-conditioned generation with classifier-free guidance.
+
+Generation runs through diffusers' StableDiffusionPipeline built from the run's components (the frozen
+VAE and text encoder, the U-Net with the run's adapter) and a diffusers scheduler (DDIM, DPM-Solver++,
+Euler). Image i always uses the generator seeded by (seed, i), so output does not depend on batch size
+or on how many ranks share the work (rank r makes images i ≡ r mod world_size).
+Writes PNGs, grid.png and webdataset shards (`.png` + `.cls` and/or `.txt` + `.json`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dpldm.config import Config, load_config
+from dpldm.errors import DpldmError
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
+
+
+@dataclass
+class Loaded:
+    comps: object
+    cfg: Config | None
+    meta: dict
+
+
+def load_run(path: str | Path, device: str = "cpu") -> Loaded:
+    """A fine-tune run dir (config.yaml + adapter/), a pretrain run dir (pipeline/), or a pipeline folder."""
+    from dpldm.models.pipeline import load_pipeline
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        comps = load_pipeline(path, device=device)
+        return Loaded(comps, None, dict(getattr(comps, "meta", {}) or {}))
+    if (path / "pipeline" / "model_index.json").exists():
+        comps = load_pipeline(path / "pipeline", device=device)
+        cfg = load_config(path / "config.yaml") if (path / "config.yaml").exists() else None
+        return Loaded(comps, cfg, dict(getattr(comps, "meta", {}) or {}))
+    if not (path / "config.yaml").exists():
+        raise DpldmError(f"{path}: not a run directory (no config.yaml) nor a pipeline folder (no model_index.json)")
+    cfg = load_config(path / "config.yaml")
+    comps = load_pipeline(cfg.model.pretrained, device=device)
+    if (path / "adapter").exists():
+        from dpldm.models.adapters import load_adapter
+        load_adapter(comps.unet, path / "adapter")
+        comps.unet.to(device)
+    comps.unet.eval()
+    return Loaded(comps, cfg, dict(getattr(comps, "meta", {}) or {}))
+
+
+def make_pipeline(comps, scheduler: str):
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+    sched = getattr(diffusers, SCHEDULERS[scheduler]).from_config(comps.scheduler.config)
+    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                   unet=comps.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plan_prompts(meta: dict, cfg: Config | None, n: int, class_id: int | None, prompt: str | None,
+                 prompts_file: str | None) -> tuple[list[str], list[int]]:
+    """Prompts and labels (-1 for free text) of the n images: balanced over classes by default."""
+    from dpldm.models.pipeline import class_prompts
+    if prompt is not None:
+        return [prompt] * n, [-1] * n
+    if prompts_file:
+        lines = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise DpldmError(f"{prompts_file}: no prompts (one per line expected)")
+        return [lines[i % len(lines)] for i in range(n)], [-1] * n
+    names = list(meta.get("class_names") or (cfg.model.class_names if cfg else []))
+    if not names:
+        raise DpldmError("the model names no classes (dpldm.json class_names): pass --prompt or --prompts-file")
+    template = meta.get("prompt_template") or (cfg.model.prompt_template if cfg else "{name}")
+    table = class_prompts(names, template)
+    if class_id is not None:
+        if not 0 <= class_id < len(names):
+            raise DpldmError(f"--class {class_id}: the model has classes 0..{len(names) - 1}")
+        return [table[class_id]] * n, [class_id] * n
+    labels = [i % len(names) for i in range(n)]
+    return [table[k] for k in labels], labels
+
+
+@torch.no_grad()
+def generate(comps, prompts: list[str], indices: list[int], *, guidance: float, steps: int, scheduler: str,
+             seed: int, batch_size: int, resolution: int) -> torch.Tensor:
+    """Images [len(indices), C, H, W] in [0, 1]; image i uses the generator seeded with (seed, i)."""
+    from dpldm.models.pipeline import encode_prompts
+    pipe = make_pipeline(comps, scheduler)
+    factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    if resolution % factor or resolution % 8:
+        raise DpldmError(f"resolution {resolution} must be a multiple of 8 and of the autoencoder factor {factor}")
+    null = encode_prompts(comps, [""])
+    out = []
+    for s in tqdm(range(0, len(indices), batch_size), desc="sample", unit="batch", leave=False):
+        idx = indices[s:s + batch_size]
+        cond = encode_prompts(comps, [prompts[i] for i in idx])
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in idx]
+        images = pipe(prompt_embeds=cond, negative_prompt_embeds=null.expand_as(cond), num_inference_steps=steps,
+                      guidance_scale=guidance, generator=gens, height=resolution, width=resolution,
+                      output_type="pt").images
+        out.append(images.float().cpu().clamp(0, 1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
+    from PIL import Image
+    from torchvision.utils import make_grid
+    if len(images) == 0:
+        return
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
+    grid = make_grid(images[:256], nrow=nrow, padding=2, pad_value=1.0)
+    Image.fromarray(to_uint8(grid[None])[0]).save(path)
+
+
+def write_outputs(images: torch.Tensor, indices: list[int], prompts: list[str], labels: list[int], out: Path,
+                  rank: int = 0) -> None:
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    arrays = to_uint8(images)
+    with wds.ShardWriter(str(out / "shards" / f"shard-r{rank:03d}-%06d.tar"), maxcount=10000, verbose=0) as sink:
+        for arr, i in zip(arrays, indices):
+            img = Image.fromarray(arr)
+            img.save(out / "images" / f"{i:06d}.png")
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            sample = {"__key__": f"{i:08d}", "png": buf.getvalue(),
+                      "json": json.dumps({"prompt": prompts[i], "label": labels[i], "index": i}).encode()}
+            if labels[i] >= 0:
+                sample["cls"] = str(labels[i]).encode()
+            else:
+                sample["txt"] = prompts[i].encode()
+            sink.write(sample)
+
+
+def sample_run(run: str | Path, out: str | Path | None = None, *, n: int | None = None, class_id: int | None = None,
+               prompt: str | None = None, prompts_file: str | None = None, guidance: float | None = None,
+               steps: int | None = None, scheduler: str | None = None, seed: int | None = None,
+               batch_size: int | None = None, resolution: int | None = None) -> Path:
+    from dpldm.distributed.env import barrier, init_distributed
+    env = init_distributed()
+    device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
+    loaded = load_run(run, device)
+    sc = loaded.cfg.sample if loaded.cfg else Config().sample
+    n = n if n is not None else sc.n
+    res = resolution or sc.resolution or loaded.meta.get("resolution") or \
+        (loaded.cfg.model.resolution if loaded.cfg else loaded.comps.vae.config.sample_size)
+    prompts, labels = plan_prompts(loaded.meta, loaded.cfg, n, class_id, prompt, prompts_file)
+    indices = list(range(env.rank, n, env.world_size))
+    images = generate(loaded.comps, prompts, indices, guidance=sc.guidance if guidance is None else guidance,
+                      steps=steps or sc.steps, scheduler=scheduler or sc.scheduler,
+                      seed=sc.seed if seed is None else seed, batch_size=batch_size or sc.batch_size,
+                      resolution=int(res))
+    out = Path(out) if out else Path(run) / "samples"
+    write_outputs(images, indices, prompts, labels, out, env.rank)
+    if env.is_main:
+        save_grid(images[:100], out / "grid.png", nrow=10 if labels[0] >= 0 else None)
+        (out / "samples.json").write_text(json.dumps({"n": n, "resolution": int(res), "labels": labels[:n],
+                                                      "run": str(run)}, indent=2))
+        print(f"sample: wrote {n} images to {out} (grid {out / 'grid.png'})")
+    barrier()
+    return out
+
+
+def main(args) -> int:
+    sample_run(args.run, args.out or None, n=args.n, class_id=args.class_id, prompt=args.prompt,
+               prompts_file=args.prompts_file, guidance=args.guidance, steps=args.steps, scheduler=args.scheduler,
+               seed=args.seed, batch_size=args.batch_size, resolution=args.resolution)
+    return 0
