@@ -50,7 +50,10 @@ def load_run(path: str | Path, device: str = "cpu") -> Loaded:
         load_adapter(comps.unet, path / "adapter")
         comps.unet.to(device)
     comps.unet.eval()
-    return Loaded(comps, cfg, dict(getattr(comps, "meta", {}) or {}))
+    meta = dict(getattr(comps, "meta", {}) or {})
+    if (path / "classes.json").exists():  # the fine-tune's own class prompts override the pipeline's
+        meta.update(json.loads((path / "classes.json").read_text()))
+    return Loaded(comps, cfg, meta)
 
 
 def make_pipeline(comps, scheduler: str):

@@ -13,6 +13,7 @@ One logical step (identical on 1 or many ranks, for any micro-batch size):
 """
 from __future__ import annotations
 
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -47,8 +48,13 @@ class ConditionEncoder:
         self.comps, self.device = comps, device
         self._encode = partial(encode_prompts, comps)
         meta = getattr(comps, "meta", {}) or {}
-        self.class_names = list(meta.get("class_names") or cfg.model.class_names)
-        template = meta.get("prompt_template") or cfg.model.prompt_template
+        # the private set's classes: named in the config, else the pipeline's own, else "0".."K-1"
+        if cfg.model.class_names:
+            self.class_names, template = list(cfg.model.class_names), cfg.model.prompt_template
+        else:
+            self.class_names = list(meta.get("class_names") or [])
+            template = meta.get("prompt_template") or cfg.model.prompt_template
+        self.template = template
         self.use_labels = bool(cache.meta.get("labels_present")) and not any(cache.texts)
         self.null = self._encode([""]).to(device)[0]
         self.table = None
@@ -247,6 +253,9 @@ def run_finetune(cfg: Config) -> Path:
         f"target eps={cfg.privacy.target_epsilon} delta={cfg.privacy.delta} ranks={env.world_size}", env)
     sampler = PoissonSampler(n, q, cfg.seed)
     trainer = FinetuneTrainer(cfg, run_dir, comps, cache, trainable, steps, env, ledger, sampler, device)
+    if env.is_main and trainer.cond.use_labels:  # the prompts `dpldm sample` must use for this run
+        (run_dir / "classes.json").write_text(json.dumps(
+            {"class_names": trainer.cond.class_names, "prompt_template": trainer.cond.template}, indent=2))
     trainer.fit()
     if ledger.private:
         log(f"finetune: done, ({ledger.epsilon:.4g}, {ledger.delta:g})-DP spent ({ledger.accountant})", env)

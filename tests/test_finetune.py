@@ -1,0 +1,151 @@
+"""End-to-end DP fine-tuning on a tiny real pipeline and real MNIST shards: every adapter kind, the
+ledger, resume equivalence, budget refusal, NOT PRIVATE markers, the latent cache."""
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpldm.errors import DpldmError, PrivacyBudgetExceeded
+from dpldm.privacy import accountant as acc
+from dpldm.train import finetune as ft
+from tiny import finetune_config, make_mnist_shards, make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft_assets")
+    return make_tiny_pipeline(root / "pipe"), make_mnist_shards(root / "mnist", n=64)
+
+
+def adapter_weights(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["loda", "lora", "attention", "full"])
+def test_each_adapter_kind_trains_and_writes_ledger(tmp_path, assets, kind):
+    pipe, shards = assets
+    cfg = finetune_config(tmp_path, pipe, shards, **{"adapter.kind": kind, "train.steps": 2})
+    run = ft.run_finetune(cfg)
+    ledger = json.loads((run / "privacy.json").read_text())
+    for key in ("epsilon", "delta", "target_epsilon", "accountant", "noise_multiplier", "sample_rate", "steps",
+                "max_grad_norm", "noise_multiplicity", "dataset_size", "sampling", "private"):
+        assert key in ledger, key
+    assert ledger["private"] is True and ledger["sampling"] == "poisson"
+    assert ledger["dataset_size"] == 64 and ledger["steps"] == 2
+    assert ledger["sample_rate"] == pytest.approx(16 / 64)
+    assert ledger["noise_multiplicity"] == 2
+    # epsilon is what an independent accountant gives for the recorded (sigma, q, steps)
+    independent = acc.epsilon(ledger["noise_multiplier"], 0.25, 2, 1e-5, "dpa_rdp")
+    assert ledger["epsilon"] == pytest.approx(independent, rel=0.05)
+    assert 0 < ledger["epsilon"] <= 50.0 * (1 + 1e-6)
+    assert (run / "config.yaml").exists() and (run / "adapter" / "adapter_config.json").exists()
+    weights = adapter_weights(run)
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+    if kind in ("loda", "lora"):  # B starts at zero: training must have moved it
+        assert any(v.abs().sum() > 0 for k, v in weights.items() if "B" in k.split(".")[-2] or "up" in k)
+
+
+def test_resume_after_signal_equals_uninterrupted(tmp_path, assets, monkeypatch):
+    pipe, shards = assets
+    over = {"train.steps": 4, "train.checkpoint_every": 100, "privacy.noise_multiplier": 1.0}
+    ft.run_finetune(finetune_config(tmp_path, pipe, shards, "whole", **over))
+
+    original = ft.FinetuneTrainer.train_step
+
+    def interrupted(self, step):
+        out = original(self, step)
+        if step == 1:
+            self._stop_signal = signal.SIGUSR1  # as if SLURM warned of the time limit
+        return out
+    monkeypatch.setattr(ft.FinetuneTrainer, "train_step", interrupted)
+    cfg = finetune_config(tmp_path, pipe, shards, "split", **over)
+    with pytest.raises(SystemExit) as stop:
+        ft.run_finetune(cfg)
+    assert stop.value.code == 75
+    mid = json.loads((tmp_path / "split" / "privacy.json").read_text())
+    assert mid["steps"] == 2
+    monkeypatch.setattr(ft.FinetuneTrainer, "train_step", original)
+    ft.run_finetune(cfg)
+
+    a, b = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    la = json.loads((tmp_path / "whole" / "privacy.json").read_text())
+    lb = json.loads((tmp_path / "split" / "privacy.json").read_text())
+    assert lb["steps"] == la["steps"] == 4
+    assert lb["epsilon"] == pytest.approx(la["epsilon"])
+    # the history before the interruption is kept unchanged
+    assert lb["history"][0]["step"] == 2 and lb["history"][0]["epsilon"] == pytest.approx(mid["epsilon"])
+
+
+def test_refuses_to_exceed_budget(tmp_path, assets):
+    pipe, shards = assets
+    cfg = finetune_config(tmp_path, pipe, shards, **{"privacy.noise_multiplier": 0.6, "privacy.target_epsilon": 1.0,
+                                                      "train.steps": 50})
+    with pytest.raises(PrivacyBudgetExceeded):
+        ft.run_finetune(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_with_changed_privacy_settings_is_refused(tmp_path, assets):
+    pipe, shards = assets
+    ft.run_finetune(finetune_config(tmp_path, pipe, shards, **{"train.steps": 1, "privacy.noise_multiplier": 2.0}))
+    with pytest.raises(DpldmError, match="noise_multiplier"):
+        ft.run_finetune(finetune_config(tmp_path, pipe, shards, **{"train.steps": 2, "privacy.noise_multiplier": 1.0}))
+
+
+def test_sigma_zero_is_marked_not_private(tmp_path, assets, capsys):
+    pipe, shards = assets
+    ft.run_finetune(finetune_config(tmp_path, pipe, shards, **{"train.steps": 1, "privacy.noise_multiplier": 0.0}))
+    ledger = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert ledger["private"] is False
+    assert any("NOT PRIVATE" in w for w in ledger["warnings"])
+    assert "NOT PRIVATE" in capsys.readouterr().out
+
+
+def test_non_private_baseline_runs_identical_loop(tmp_path, assets):
+    pipe, shards = assets
+    run = ft.run_finetune(finetune_config(tmp_path, pipe, shards, **{"train.steps": 2, "privacy.enabled": False}))
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert ledger["private"] is False and any("NOT PRIVATE" in w for w in ledger["warnings"])
+    assert adapter_weights(run)
+
+
+def test_plain_and_per_example_paths_agree_without_clipping(tmp_path, assets):
+    """The No-DP loop (ordinary backprop) and the DP loop with C=inf, sigma=0 give the same update."""
+    pipe, shards = assets
+    common = {"train.steps": 2, "privacy.max_grad_norm": 1e9, "privacy.noise_multiplier": 0.0}
+    a = ft.run_finetune(finetune_config(tmp_path, pipe, shards, "dp", **common))
+    b = ft.run_finetune(finetune_config(tmp_path, pipe, shards, "nodp", **{**common, "privacy.enabled": False}))
+    wa, wb = adapter_weights(a), adapter_weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_latent_cache_reused_and_rebuilt_when_stale(tmp_path, assets):
+    from dpldm.data.latent_cache import LatentCache, ensure_cache
+    from dpldm.models.pipeline import load_pipeline
+    pipe, shards = assets
+    cfg = finetune_config(tmp_path, pipe, shards)
+    comps = load_pipeline(pipe)
+    cache = ensure_cache(cfg, comps.vae)
+    assert len(cache) == 64 and cache.latent_shape == (4, 8, 8)
+    assert sorted(np.bincount(cache.labels, minlength=10)) and (cache.labels >= 0).all()
+    stamp = (cache.path / "latents.npy").stat().st_mtime_ns
+    assert (ensure_cache(cfg, comps.vae).path / "latents.npy").stat().st_mtime_ns == stamp  # reused
+    with torch.no_grad():
+        next(comps.vae.parameters()).add_(0.1)  # a different encoder: the cache is stale
+    rebuilt = ensure_cache(cfg, comps.vae)
+    assert rebuilt.meta["encoder"] != cache.meta["encoder"]
+    assert not np.allclose(np.asarray(rebuilt.latents), np.asarray(cache.latents))
+
+
+def test_batchnorm_model_is_rejected(tmp_path, assets):
+    from dpldm.privacy.dp_step import assert_dp_compatible
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(DpldmError, match="BatchNorm"):
+        assert_dp_compatible(model)
