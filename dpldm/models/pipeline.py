@@ -89,6 +89,19 @@ def make_meta(model_cfg, source: str) -> dict:
             "resolution": model_cfg.resolution, "channels": model_cfg.channels, "source": source}
 
 
+def build_components(model_cfg, vae=None, text=None, source: str = "built") -> Components:
+    """A fresh pipeline from the config: `vae` (default: a new one) and `text` = (tokenizer, encoder)
+    (default: model.text_encoder) are used as given; the U-Net is new."""
+    from dpldm.models.text_encoders import load_text_encoder
+    vae = vae if vae is not None else build_vae(model_cfg)
+    tokenizer, encoder = text if text is not None else load_text_encoder(model_cfg.text_encoder,
+                                                                          model_cfg.max_text_length)
+    unet = build_unet(model_cfg, encoder.config.hidden_size, latent_size(vae, model_cfg.resolution),
+                      latent_channels=vae.config.latent_channels)
+    meta = {**make_meta(model_cfg, source), "channels": vae.config.in_channels}
+    return Components(vae, unet, encoder, tokenizer, build_scheduler(model_cfg), meta)
+
+
 # ---------------------------------------------------------------------------------------------
 # loading and saving
 

@@ -1,0 +1,134 @@
+"""`dpldm export RUN --out DIR`: a plain-diffusers pipeline folder with the run's adapter applied.
+
+- full / attention: the trained tensors are ordinary U-Net weights; they replace the pretrained ones.
+- lora: merged into the weights (W + scale·B·A), so unet/ is a standard UNet2DConditionModel; the
+  unmerged low-rank factors are also written as `pytorch_lora_weights.safetensors` for
+  `pipe.load_lora_weights` on top of the pretrained pipeline.
+- loda: W(x) + B(σ(A(x))) has no linear fold (σ is nonlinear), so unet/ holds
+  `AdaptedUNet2DConditionModel` (this module): a UNet2DConditionModel subclass whose `from_pretrained`
+  re-attaches the adapter from `unet/dpldm_adapter.json` and loads all weights. Plain
+  `diffusers.DiffusionPipeline.from_pretrained(DIR)` loads it whenever dpldm is importable.
+See docs/models.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from dpldm.config import AdapterConfig, load_config
+from dpldm.errors import DpldmError
+from dpldm.models.pipeline import Components, load_pipeline, save_pipeline
+
+ADAPTER_JSON = "dpldm_adapter.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class AdaptedUNet2DConditionModel(UNet2DConditionModel):
+    """A U-Net carrying dpldm adapter modules that cannot be merged (LoDA); saved and loaded whole."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
+        from dpldm.models.adapters import attach_adapter
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+        unet.__class__ = cls
+        adapter = AdapterConfig(**json.loads((folder / ADAPTER_JSON).read_text()))
+        attach_adapter(unet, adapter)
+        unet.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")), strict=True)
+        if kwargs.get("torch_dtype") is not None:
+            unet.to(kwargs["torch_dtype"])
+        return unet.eval().requires_grad_(False)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        (Path(save_directory) / ADAPTER_JSON).write_text(json.dumps(self._dpldm_adapter, indent=2))
+
+
+def load_plain_weights(unet: torch.nn.Module, adapter_dir: Path) -> int:
+    """Copy tensors named like U-Net parameters (full / attention adapters) into `unet`; returns count."""
+    files = sorted(adapter_dir.glob("*.safetensors"))
+    if not files:
+        raise DpldmError(f"{adapter_dir}: no .safetensors adapter weights found")
+    own = unet.state_dict()
+    n = 0
+    for f in files:
+        for name, tensor in load_file(str(f)).items():
+            key = name.removeprefix("unet.")
+            if key not in own:
+                raise DpldmError(f"{f}: tensor {name} is not a U-Net weight (expected full/attention weights)")
+            if own[key].shape != tensor.shape:
+                raise DpldmError(f"{f}: {name} has shape {tuple(tensor.shape)}; the U-Net expects "
+                                 f"{tuple(own[key].shape)}")
+            with torch.no_grad():
+                own[key].copy_(tensor.to(own[key].dtype))
+            n += 1
+    return n
+
+
+def _merge(unet, kind: str):
+    """The adapters module's merge for `kind` (name tolerant: merged_unet / merge_adapter)."""
+    from dpldm.models import adapters
+    for name in ("merged_unet", "merge_adapter", "merge_adapters"):
+        fn = getattr(adapters, name, None)
+        if fn is not None:
+            out = fn(unet)
+            return out if out is not None else unet
+    raise DpldmError(f"dpldm.models.adapters has no merge function; cannot export a {kind} adapter merged")
+
+
+def _lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The unmerged LoRA factors in the diffusers/peft key layout (`unet.<module>.lora_A.weight`)."""
+    from dpldm.models import adapters
+    fn = getattr(adapters, "lora_state_dict", None)
+    if fn is None:
+        raise DpldmError("dpldm.models.adapters has no lora_state_dict(unet); cannot write " + LORA_FILE)
+    return {k if k.startswith("unet.") else f"unet.{k}": v.detach().cpu().contiguous()
+            for k, v in fn(unet).items()}
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise DpldmError(f"{run_dir}: no config.yaml; expected a run directory written by `dpldm finetune`")
+    cfg = load_config(cfg_file)
+    adapter_dir = run_dir / "adapter"
+    if not adapter_dir.is_dir():
+        raise DpldmError(f"{run_dir}: no adapter/ folder; has the run written a checkpoint yet?")
+    comps = load_pipeline(cfg.model.pretrained)
+    kind = cfg.adapter.kind
+    lora = None
+    if kind in ("full", "attention"):
+        load_plain_weights(comps.unet, adapter_dir)
+    else:
+        from dpldm.models.adapters import attach_adapter, load_adapter
+        attach_adapter(comps.unet, cfg.adapter)
+        load_adapter(comps.unet, adapter_dir)
+        if kind == "lora":
+            lora = _lora_state_dict(comps.unet)
+            comps.unet = _merge(comps.unet, kind)
+        else:
+            comps.unet.__class__ = AdaptedUNet2DConditionModel
+            comps.unet._dpldm_adapter = dataclasses.asdict(cfg.adapter)
+    comps.unet.eval().requires_grad_(False)
+    comps.meta = {**comps.meta, "source": f"dpldm export {run_dir} (adapter {kind}, base {cfg.model.pretrained})"}
+    if (run_dir / "classes.json").is_file():          # the classes the run was trained on
+        comps.meta.update(json.loads((run_dir / "classes.json").read_text()))
+    elif cfg.model.class_names:
+        comps.meta.update(class_names=list(cfg.model.class_names), prompt_template=cfg.model.prompt_template)
+    save_pipeline(Components(comps.vae, comps.unet, comps.text_encoder, comps.tokenizer, comps.scheduler,
+                             comps.meta), out)
+    if lora is not None:
+        save_file(lora, str(out / LORA_FILE))
+    return out
+
+
+def main(args) -> int:
+    out = export_run(args.run, args.out)
+    print(f"dpldm export: wrote {out} (load with diffusers.DiffusionPipeline.from_pretrained)")
+    return 0
