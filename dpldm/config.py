@@ -113,6 +113,13 @@ class OptimConfig:
 class DistributedConfig:
     deepspeed: str = ""             # path to a DeepSpeed JSON config; empty = plain torch
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # SLURM resources the preset expects (defaults for launchers/slurm.py; its flags override them)
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    time: str = "24:00:00"
+    partition: str = ""
+    account: str = ""
 
 
 @dataclass
