@@ -10,6 +10,7 @@ from dpldm.config import Config, ModelConfig, save_config
 from dpldm.errors import DpldmError
 from dpldm.models import pipeline as P
 from dpldm.models.export import export_run
+from dpldm.models.text_encoders import load_text_encoder
 
 
 def tiny_model_cfg() -> ModelConfig:
@@ -18,11 +19,19 @@ def tiny_model_cfg() -> ModelConfig:
                        unet_attention_head_dim=4, max_text_length=8)
 
 
+def tiny_text_encoder():
+    """MiniLM's real tokenizer with a 1-layer, 32-wide BERT (fast; the export logic is encoder-agnostic)."""
+    from transformers import BertConfig, BertModel
+    tok, _ = load_text_encoder("minilm", 8)
+    return tok, BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64)).eval()
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("base") / "pipe"
-    P.save_pipeline(P.build_components(tiny_model_cfg(), source="test"), folder)
+    P.save_pipeline(P.build_components(tiny_model_cfg(), text=tiny_text_encoder(), source="test"), folder)
     return folder
 
 
@@ -80,3 +89,51 @@ def test_export_errors(tmp_path, base):
     with pytest.raises(DpldmError, match="not_a_weight"):
         export_run(run, tmp_path / "y")
     assert cli_main(["export", str(run), "--out", str(tmp_path / "z")]) == 2
+
+
+def adapted_run(tmp_path, base, kind, nonlinearity="leaky_relu"):
+    """A run whose adapter (real dpldm adapters, random non-zero weights) changes the U-Net."""
+    from dpldm.models.adapters import attach_adapter, save_adapter, trainable_named_parameters
+    unet = P.load_pipeline(base).unet
+    cfg = Config()
+    cfg.model.pretrained = str(base)
+    cfg.adapter.kind, cfg.adapter.rank, cfg.adapter.nonlinearity = kind, 2, nonlinearity
+    attach_adapter(unet, cfg.adapter)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trainable_named_parameters(unet).values():
+            p.copy_(torch.randn_like(p) * 0.2)
+    run = tmp_path / f"run-{kind}-{nonlinearity}"
+    save_config(cfg, run / "config.yaml")
+    save_adapter(unet, cfg.adapter, run / "adapter")
+    return run, unet.eval()
+
+
+def unet_out(unet):
+    g = torch.Generator().manual_seed(3)
+    x, enc = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), enc).sample
+
+
+def test_export_lora_merged_and_diffusers_lora_file(tmp_path, base):
+    run, adapted = adapted_run(tmp_path, base, "lora")
+    out = export_run(run, tmp_path / "lora")
+    expected = unet_out(adapted)
+    assert not torch.allclose(expected, unet_out(P.load_pipeline(base).unet), atol=1e-4)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out)
+    assert type(pipe.unet) is diffusers.UNet2DConditionModel
+    torch.testing.assert_close(unet_out(pipe.unet), expected, atol=1e-4, rtol=1e-4)
+    base_pipe = diffusers.DiffusionPipeline.from_pretrained(base)
+    base_pipe.load_lora_weights(out)          # reads pytorch_lora_weights.safetensors
+    torch.testing.assert_close(unet_out(base_pipe.unet), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_export_loda_loads_with_plain_diffusers(tmp_path, base):
+    run, adapted = adapted_run(tmp_path, base, "loda", "leaky_relu")
+    out = export_run(run, tmp_path / "loda")
+    assert (out / "unet" / "dpldm_adapter.json").is_file()
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out)
+    torch.testing.assert_close(unet_out(pipe.unet), unet_out(adapted), atol=1e-5, rtol=1e-5)
+    images = pipe(["x"], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 1) and np.isfinite(images).all()

@@ -1,7 +1,8 @@
 """`dpldm export RUN --out DIR`: a plain-diffusers pipeline folder with the run's adapter applied.
 
 - full / attention: the trained tensors are ordinary U-Net weights; they replace the pretrained ones.
-- lora: merged into the weights (W + scale·B·A), so unet/ is a standard UNet2DConditionModel; the
+- lora (and LoDA with nonlinearity=identity): merged into the weights (W + scale·B·A), so unet/ is
+  a standard UNet2DConditionModel; the
   unmerged low-rank factors are also written as `pytorch_lora_weights.safetensors` for
   `pipe.load_lora_weights` on top of the pretrained pipeline.
 - loda: W(x) + B(σ(A(x))) has no linear fold (σ is nonlinear), so unet/ holds
@@ -17,7 +18,8 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (diffusers' pipeline loader
+# resolves ["dpldm.models.export", "AdaptedUNet2DConditionModel"] by finding ModelMixin in this module)
 from safetensors.torch import load_file, save_file
 
 from dpldm.config import AdapterConfig, load_config
@@ -39,6 +41,7 @@ class AdaptedUNet2DConditionModel(UNet2DConditionModel):
         unet.__class__ = cls
         adapter = AdapterConfig(**json.loads((folder / ADAPTER_JSON).read_text()))
         attach_adapter(unet, adapter)
+        unet._dpldm_adapter = dataclasses.asdict(adapter)
         unet.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")), strict=True)
         if kwargs.get("torch_dtype") is not None:
             unet.to(kwargs["torch_dtype"])
@@ -70,25 +73,10 @@ def load_plain_weights(unet: torch.nn.Module, adapter_dir: Path) -> int:
     return n
 
 
-def _merge(unet, kind: str):
-    """The adapters module's merge for `kind` (name tolerant: merged_unet / merge_adapter)."""
-    from dpldm.models import adapters
-    for name in ("merged_unet", "merge_adapter", "merge_adapters"):
-        fn = getattr(adapters, name, None)
-        if fn is not None:
-            out = fn(unet)
-            return out if out is not None else unet
-    raise DpldmError(f"dpldm.models.adapters has no merge function; cannot export a {kind} adapter merged")
-
-
 def _lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The unmerged LoRA factors in the diffusers/peft key layout (`unet.<module>.lora_A.weight`)."""
-    from dpldm.models import adapters
-    fn = getattr(adapters, "lora_state_dict", None)
-    if fn is None:
-        raise DpldmError("dpldm.models.adapters has no lora_state_dict(unet); cannot write " + LORA_FILE)
-    return {k if k.startswith("unet.") else f"unet.{k}": v.detach().cpu().contiguous()
-            for k, v in fn(unet).items()}
+    from dpldm.models.lora import lora_state_dict_for_diffusers
+    return {k: v.detach().cpu().contiguous() for k, v in lora_state_dict_for_diffusers(unet).items()}
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -103,18 +91,21 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     comps = load_pipeline(cfg.model.pretrained)
     kind = cfg.adapter.kind
     lora = None
-    if kind in ("full", "attention"):
-        load_plain_weights(comps.unet, adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file() and kind in ("full", "attention"):
+        load_plain_weights(comps.unet, adapter_dir)      # bare U-Net tensors
     else:
-        from dpldm.models.adapters import attach_adapter, load_adapter
-        attach_adapter(comps.unet, cfg.adapter)
-        load_adapter(comps.unet, adapter_dir)
-        if kind == "lora":
-            lora = _lora_state_dict(comps.unet)
-            comps.unet = _merge(comps.unet, kind)
+        from dpldm.models.adapters import adapter_config_of, load_adapter, merge_adapter
+        from dpldm.models.loda import AdaptedLayer
+        load_adapter(comps.unet, adapter_dir)           # attaches the adapter its config names
+        layers = [m for m in comps.unet.modules() if isinstance(m, AdaptedLayer)]
+        if all(m.mergeable for m in layers):
+            if layers:
+                lora = _lora_state_dict(comps.unet)
+            comps.unet = merge_adapter(comps.unet, inplace=True)
         else:
+            adapter = dataclasses.asdict(adapter_config_of(comps.unet))
             comps.unet.__class__ = AdaptedUNet2DConditionModel
-            comps.unet._dpldm_adapter = dataclasses.asdict(cfg.adapter)
+            comps.unet._dpldm_adapter = adapter
     comps.unet.eval().requires_grad_(False)
     comps.meta = {**comps.meta, "source": f"dpldm export {run_dir} (adapter {kind}, base {cfg.model.pretrained})"}
     if (run_dir / "classes.json").is_file():          # the classes the run was trained on
