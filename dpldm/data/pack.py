@@ -1,0 +1,122 @@
+"""`dpldm data pack SOURCE --out DIR`: write webdataset shards in the img2dataset layout.
+
+Each sample `<key>` (9-digit running number) holds `<key>.png|jpg`, `<key>.cls` (label as text, when
+known), `<key>.txt` (caption, when there is one) and `<key>.json` (source, index, width, height,
+label, caption). `DIR/dataset.json` is written last: source, split, count, class names, label
+histogram, shard names. Re-running the same command on a finished DIR does nothing.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from dpldm.data.images import encode_image
+from dpldm.data.sources import open_source
+from dpldm.errors import DpldmError
+
+SHARD_PATTERN = "shard-%06d.tar"
+
+
+def _record_size(image) -> tuple[int, int]:
+    if isinstance(image, np.ndarray):
+        return int(image.shape[1]), int(image.shape[0])
+    return image.size
+
+
+def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int = 10000, limit: int = 0,
+         fmt: str = "png", overwrite: bool = False, verbose: bool = True) -> dict:
+    """Pack SOURCE into OUT/shard-NNNNNN.tar; returns the dataset.json contents."""
+    if shard_size < 1:
+        raise DpldmError(f"--shard-size must be a positive number of samples; got {shard_size}")
+    if limit < 0:
+        raise DpldmError(f"--limit must be >= 0 (0 = all); got {limit}")
+    if fmt not in ("png", "jpg"):
+        raise DpldmError(f"--format must be png or jpg; got {fmt!r}")
+    out = Path(out)
+    request = {"source": source, "split": split, "limit": limit, "format": fmt, "shard_size": shard_size}
+    meta_path = out / "dataset.json"
+    existing = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
+    if meta_path.exists() or existing:
+        done = _finished(meta_path, request)
+        if done is not None and not overwrite:
+            if verbose:
+                print(f"{out}: already packed ({done['count']} samples); nothing to do")
+            return done
+        if not overwrite:
+            raise DpldmError(f"--out {out} already holds shards of a different pack; "
+                             "choose another directory or pass --overwrite")
+        for f in existing:
+            f.unlink()
+        meta_path.unlink(missing_ok=True)
+
+    src = open_source(source, split)
+    total = min(len(src), limit) if limit else len(src)
+    out.mkdir(parents=True, exist_ok=True)
+    hist: Counter = Counter()
+    captions = 0
+    sizes: Counter = Counter()
+    t0 = time.time()
+    # An integer mtime keeps tarfile from adding a pax header to every member (it does for float times).
+    with wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=shard_size, verbose=0,
+                         mtime=int(time.time())) as sink:
+        for n, rec in enumerate(src):
+            if n >= total:
+                break
+            key = f"{n:09d}"
+            w, h = _record_size(rec.image)
+            sample = {"__key__": key, fmt: encode_image(rec.image, fmt)}
+            if rec.label is not None:
+                sample["cls"] = str(int(rec.label))
+                hist[int(rec.label)] += 1
+            if rec.caption is not None:
+                sample["txt"] = rec.caption
+                captions += 1
+            sample["json"] = json.dumps({"source": src.name, "split": split, "index": rec.index,
+                                         "origin": rec.origin, "width": w, "height": h,
+                                         "label": rec.label, "caption": rec.caption}).encode()
+            sizes[f"{w}x{h}"] += 1
+            sink.write(sample)
+            if verbose and (n + 1) % 10000 == 0:
+                print(f"  packed {n + 1}/{total} ({(n + 1) / (time.time() - t0):.0f} img/s)", file=sys.stderr)
+    shards = sorted(p.name for p in out.glob("shard-*.tar"))
+    meta = {
+        **request,
+        "count": total,
+        "class_names": src.class_names,
+        "label_histogram": {str(k): hist[k] for k in sorted(hist)},
+        "captions": captions,
+        "sizes": dict(sizes),
+        "shards": shards,
+    }
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(meta_path)
+    if verbose:
+        dt = time.time() - t0
+        print(f"{out}: {total} samples in {len(shards)} shards ({dt:.1f} s, {total / max(dt, 1e-9):.0f} img/s)")
+    return meta
+
+
+def _finished(meta_path: Path, request: dict) -> dict | None:
+    """The existing dataset.json if it records the same request and all its shards exist."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if any(meta.get(k) != v for k, v in request.items()):
+        return None
+    if not all((meta_path.parent / s).exists() for s in meta.get("shards", [])):
+        return None
+    return meta
+
+
+def main(args) -> int:
+    pack(args.source, args.out, split=args.split, shard_size=args.shard_size, limit=args.limit,
+         fmt=args.format, overwrite=getattr(args, "overwrite", False))
+    return 0
