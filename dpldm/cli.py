@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--split", choices=["train", "test"], default="train")
     pack.add_argument("--limit", type=int, default=0, help="pack only the first N samples (0 = all)")
     pack.add_argument("--format", choices=["png", "jpg"], default="png", help="image encoding")
+    pack.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier pack in --out")
     pack.set_defaults(handler="dpldm.data.pack:main")
     insp = data_verbs.add_parser("inspect", help="sample count, class histogram, sizes, grid PNG")
     insp.add_argument("shards", help="shard directory, brace pattern or pipe: URL")
