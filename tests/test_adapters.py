@@ -316,3 +316,30 @@ def test_attach_twice_is_refused():
     attach_adapter(unet, AdapterConfig(kind="lora"))
     with pytest.raises(DpldmError, match="already has a dpldm adapter"):
         attach_adapter(unet, AdapterConfig(kind="lora"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["loda", "attention"])
+def test_cuda_adapter_on_device_and_per_example_grads(kind):
+    """Same logic as the CPU tests, on CUDA: A/B live on W's device; vmap(grad) matches a loop."""
+    from torch.func import functional_call, grad, vmap
+    unet = tiny_unet().cuda()
+    attach_adapter(unet, AdapterConfig(kind=kind))
+    trainable = trainable_named_parameters(unet)
+    assert all(p.is_cuda for p in trainable.values())
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, c = (v.cuda() for v in inputs(n=2))
+    params = {k: v.detach() for k, v in trainable_named_parameters(unet).items()}
+
+    def loss(p, xi, ti, ci):
+        return functional_call(unet, p, (xi[None], ti[None]), {"encoder_hidden_states": ci[None]}).sample.square().mean()
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x, t, c)
+    for i in range(2):
+        unet.zero_grad(set_to_none=True)
+        run(unet, x[i:i + 1], t[i:i + 1], c[i:i + 1]).square().mean().backward()
+        for name, p in trainable_named_parameters(unet).items():
+            torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-3, atol=1e-5, msg=name)
