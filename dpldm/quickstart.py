@@ -88,8 +88,8 @@ def _pretrain(out: Path, data: dict, plan: Plan) -> Path:
     from dpldm.train.pretrain import run_pretrain
     public = out / "public"
     base = [f"data.public={data['fashion']}", f"output.dir={public}", f"model.vae={public / 'vae'}"]
-    run_pretrain("autoencoder", load_config(CONFIGS / "pretrain_fashion.yaml", base + [f"train.steps={plan.ae_steps}"]))
-    run_pretrain("unet", load_config(CONFIGS / "pretrain_fashion.yaml", base + [f"train.steps={plan.unet_steps}"]))
+    run_pretrain(load_config(CONFIGS / "pretrain_fashion.yaml", base + [f"train.steps={plan.ae_steps}"]), "autoencoder")
+    run_pretrain(load_config(CONFIGS / "pretrain_fashion.yaml", base + [f"train.steps={plan.unet_steps}"]), "unet")
     return public / "pipeline"
 
 

@@ -99,12 +99,12 @@ def build_cache(cfg: Config, vae, path: Path, log=print) -> LatentCache:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     means, stds, flips, labels, texts, keys = [], [], [], [], [], []
-    data_cfg = type(cfg.data)(**{**vars(cfg.data), "shuffle_buffer": 0, "num_workers": 0})
+    data_cfg = type(cfg.data)(**{**vars(cfg.data), "num_workers": 0})
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     t0, n = time.time(), 0
     for batch in stream_loader(cfg.data.private, data_cfg, cfg.model.resolution, cfg.model.channels,
-                               batch_size=64, private=True, world_size=1, seed=0):
+                               batch_size=64, private=True, world_size=1, seed=0, shuffle=False):
         pixels = batch["pixels"].to(device, dtype)
         mean, std = encode_images(vae, pixels)
         means.append(mean.float().cpu().numpy())
