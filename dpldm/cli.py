@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--limit", type=int, default=0, help="pack only the first N samples (0 = all)")
     pack.add_argument("--format", choices=["png", "jpg"], default="png", help="image encoding")
     pack.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier pack in --out")
+    pack.add_argument("--workers", type=int, default=0, help="processes writing shards (0 = one per CPU, max 8)")
     pack.set_defaults(handler="dpldm.data.pack:main")
     insp = data_verbs.add_parser("inspect", help="sample count, class histogram, sizes, grid PNG")
     insp.add_argument("shards", help="shard directory, brace pattern or pipe: URL")
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     au = verbs.add_parser("audit", help="empirical privacy audit with canaries")
     _config_args(au)
+    au.add_argument("--canaries", type=int, default=64, help="canaries, each inserted with probability 1/2")
+    au.add_argument("--guesses", type=int, default=0, help="in/out guesses (default: half the canaries)")
+    au.add_argument("--beta", type=float, default=0.05, help="1 - confidence of the epsilon lower bound")
+    au.add_argument("--out", default="", help="audit directory (default: output.dir)")
     au.set_defaults(handler="dpldm.privacy.audit:main")
 
     qs = verbs.add_parser("quickstart", help="the embedded end-to-end demo (offline, CPU)")

@@ -26,7 +26,7 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 def test_mnist_round_trip_keys_labels_pixels(tmp_path):
     src = mnist_source("train")
     assert len(src) == 60000 and src.images.shape == (60000, 28, 28) and src.images.dtype == np.uint8
-    meta = pack("mnist", tmp_path, limit=250, shard_size=100, verbose=False)
+    meta = pack("mnist", tmp_path, limit=250, shard_size=100, workers=2, verbose=False)  # 3 shards, 2 processes
     assert meta["shards"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     hist = np.bincount(src.labels[:250], minlength=10)
     assert meta["count"] == 250 and meta["class_names"] == [str(i) for i in range(10)]

@@ -8,6 +8,8 @@ histogram, shard names. Re-running the same command on a finished DIR does nothi
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import sys
 import time
 from collections import Counter
@@ -30,12 +32,15 @@ def _record_size(image) -> tuple[int, int]:
 
 
 def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int = 10000, limit: int = 0,
-         fmt: str = "png", overwrite: bool = False, verbose: bool = True) -> dict:
-    """Pack SOURCE into OUT/shard-NNNNNN.tar; returns the dataset.json contents."""
+         fmt: str = "png", overwrite: bool = False, workers: int = 0, verbose: bool = True) -> dict:
+    """Pack SOURCE into OUT/shard-NNNNNN.tar (shards written in parallel by `workers` forked
+    processes; 0 = one per CPU, at most 8); returns the dataset.json contents."""
     if shard_size < 1:
         raise DpldmError(f"--shard-size must be a positive number of samples; got {shard_size}")
     if limit < 0:
         raise DpldmError(f"--limit must be >= 0 (0 = all); got {limit}")
+    if workers < 0:
+        raise DpldmError(f"--workers must be >= 0 (0 = one per CPU); got {workers}")
     if fmt not in ("png", "jpg"):
         raise DpldmError(f"--format must be png or jpg; got {fmt!r}")
     out = Path(out)
@@ -49,7 +54,7 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
                 print(f"{out}: already packed ({done['count']} samples); nothing to do")
             return done
         if not overwrite:
-            raise DpldmError(f"--out {out} already holds shards of a different pack; "
+            raise DpldmError(f"--out {out} already holds shards of a different or unfinished pack; "
                              "choose another directory or pass --overwrite")
         for f in existing:
             f.unlink()
@@ -58,32 +63,28 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
     src = open_source(source, split)
     total = min(len(src), limit) if limit else len(src)
     out.mkdir(parents=True, exist_ok=True)
-    hist: Counter = Counter()
-    captions = 0
-    sizes: Counter = Counter()
-    t0 = time.time()
     # An integer mtime keeps tarfile from adding a pax header to every member (it does for float times).
-    with wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=shard_size, verbose=0,
-                         mtime=int(time.time())) as sink:
-        for n, rec in enumerate(src):
-            if n >= total:
-                break
-            key = f"{n:09d}"
-            w, h = _record_size(rec.image)
-            sample = {"__key__": key, fmt: encode_image(rec.image, fmt)}
-            if rec.label is not None:
-                sample["cls"] = str(int(rec.label))
-                hist[int(rec.label)] += 1
-            if rec.caption is not None:
-                sample["txt"] = rec.caption
-                captions += 1
-            sample["json"] = json.dumps({"source": src.name, "split": split, "index": rec.index,
-                                         "origin": rec.origin, "width": w, "height": h,
-                                         "label": rec.label, "caption": rec.caption}).encode()
-            sizes[f"{w}x{h}"] += 1
-            sink.write(sample)
-            if verbose and (n + 1) % 10000 == 0:
-                print(f"  packed {n + 1}/{total} ({(n + 1) / (time.time() - t0):.0f} img/s)", file=sys.stderr)
+    tasks = [(k, a, min(a + shard_size, total), out, fmt, split, int(time.time()))
+             for k, a in enumerate(range(0, total, shard_size))]
+    workers = workers or min(os.cpu_count() or 1, len(tasks), 8)
+    hist: Counter = Counter()
+    sizes: Counter = Counter()
+    done = 0
+    t0 = time.time()
+    global _SOURCE
+    _SOURCE = src  # forked workers inherit it (no pickling of image arrays)
+    try:
+        if workers > 1 and len(tasks) > 1:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                results = pool.imap_unordered(_write_shard, tasks)
+                for stats in results:
+                    done = _merge(stats, hist, sizes, done, total, t0, verbose)
+        else:
+            for task in tasks:
+                done = _merge(_write_shard(task), hist, sizes, done, total, t0, verbose)
+    finally:
+        _SOURCE = None
+    captions = hist.pop("captions", 0)
     shards = sorted(p.name for p in out.glob("shard-*.tar"))
     meta = {
         **request,
@@ -99,8 +100,47 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
     tmp.replace(meta_path)
     if verbose:
         dt = time.time() - t0
-        print(f"{out}: {total} samples in {len(shards)} shards ({dt:.1f} s, {total / max(dt, 1e-9):.0f} img/s)")
+        print(f"{out}: {total} samples in {len(shards)} shards ({dt:.1f} s, {total / max(dt, 1e-9):.0f} img/s, "
+              f"{workers} process{'es' if workers > 1 else ''})")
     return meta
+
+
+_SOURCE = None
+
+
+def _write_shard(task) -> tuple[Counter, Counter]:
+    """Write samples [start, stop) of the source as shard number `shard` (one ShardWriter shard)."""
+    shard, start, stop, out, fmt, split, mtime = task
+    src = _SOURCE
+    hist: Counter = Counter()
+    sizes: Counter = Counter()
+    with wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=stop - start, start_shard=shard, verbose=0,
+                         mtime=mtime) as sink:
+        for n in range(start, stop):
+            rec = src.record(n)
+            w, h = _record_size(rec.image)
+            sample = {"__key__": f"{n:09d}", fmt: encode_image(rec.image, fmt)}
+            if rec.label is not None:
+                sample["cls"] = str(int(rec.label))
+                hist[int(rec.label)] += 1
+            if rec.caption is not None:
+                sample["txt"] = rec.caption
+                hist["captions"] += 1
+            sample["json"] = json.dumps({"source": src.name, "split": split, "index": rec.index,
+                                         "origin": rec.origin, "width": w, "height": h,
+                                         "label": rec.label, "caption": rec.caption}).encode()
+            sizes[f"{w}x{h}"] += 1
+            sink.write(sample)
+    return hist, sizes
+
+
+def _merge(stats, hist: Counter, sizes: Counter, done: int, total: int, t0: float, verbose: bool) -> int:
+    hist.update(stats[0])
+    sizes.update(stats[1])
+    done += sum(stats[1].values())
+    if verbose:
+        print(f"  packed {done}/{total} ({done / max(time.time() - t0, 1e-9):.0f} img/s)", file=sys.stderr)
+    return done
 
 
 def _finished(meta_path: Path, request: dict) -> dict | None:
@@ -118,5 +158,5 @@ def _finished(meta_path: Path, request: dict) -> dict | None:
 
 def main(args) -> int:
     pack(args.source, args.out, split=args.split, shard_size=args.shard_size, limit=args.limit,
-         fmt=args.format, overwrite=getattr(args, "overwrite", False))
+         fmt=args.format, overwrite=getattr(args, "overwrite", False), workers=getattr(args, "workers", 0))
     return 0

@@ -5,8 +5,9 @@
     open_source("folder:PATH", "train")           # PATH/<class>/*.png (or PATH/<split>/<class>/...)
     open_source("captions:FILE.jsonl", "train")   # {"image": rel path, "text": caption, "label": int?}
 
-A source has `name`, `split`, `class_names` (list or None), `len()` and iterates `Record`s in a fixed
-order; `index` is the record's position in that order (its "original index").
+A source has `name`, `split`, `class_names` (list or None), `len()`, `record(i)` (random access, so
+shards can be written in parallel) and iterates `Record`s in a fixed order; `index` is the record's
+position in that order (its "original index").
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.images)
 
+    def record(self, i: int) -> Record:
+        return Record(i, self.images[i], int(self.labels[i]), None, f"{self.origin}[{i}]")
+
     def __iter__(self) -> Iterator[Record]:
-        for i in range(len(self.images)):
-            yield Record(i, self.images[i], int(self.labels[i]), None, f"{self.origin}[{i}]")
+        return (self.record(i) for i in range(len(self)))
 
 
 def _mnist_file() -> Path:
@@ -143,9 +146,12 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.files)
 
+    def record(self, i: int) -> Record:
+        f, cid = self.files[i]
+        return Record(i, _open_file_image(f, f"source folder:{self.root}"), cid, None, str(f))
+
     def __iter__(self) -> Iterator[Record]:
-        for i, (f, cid) in enumerate(self.files):
-            yield Record(i, _open_file_image(f, f"source folder:{self.root}"), cid, None, str(f))
+        return (self.record(i) for i in range(len(self)))
 
 
 class CaptionsSource:
@@ -184,9 +190,12 @@ class CaptionsSource:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def record(self, i: int) -> Record:
+        img, text, label, lineno = self.entries[i]
+        return Record(i, _open_file_image(img, f"{self.path}:{lineno}"), label, text, str(img))
+
     def __iter__(self) -> Iterator[Record]:
-        for i, (img, text, label, lineno) in enumerate(self.entries):
-            yield Record(i, _open_file_image(img, f"{self.path}:{lineno}"), label, text, str(img))
+        return (self.record(i) for i in range(len(self)))
 
 
 def open_source(spec: str, split: str = "train"):
