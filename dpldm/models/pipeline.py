@@ -195,7 +195,14 @@ def save_pipeline(components: Components, folder: str | Path) -> Path:
     """Write a plain-diffusers StableDiffusionPipeline folder (safetensors) + dpldm.json."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    to_diffusers(components).save_pretrained(folder, safe_serialization=True)
+    halves = [(m, m.dtype) for m in (components.vae, components.text_encoder) if m.dtype != torch.float32]
+    for m, _ in halves:              # frozen parts run in bf16 on CUDA; files stay fp32
+        m.float()
+    try:
+        to_diffusers(components).save_pretrained(folder, safe_serialization=True)
+    finally:
+        for m, dtype in halves:
+            m.to(dtype)
     (folder / META_FILE).write_text(json.dumps(components.meta, indent=2) + "\n")
     return folder
 
