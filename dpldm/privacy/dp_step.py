@@ -1,0 +1,143 @@
+"""The DP-SGD gradient: per-example clipped sums (torch.func), Gaussian noise once per logical step.
+
+One logical step, on any number of ranks and micro-batches:
+
+    grad_sum, stats = clipped_grad_sum(loss_fn, params, batch, max_grad_norm=C, microbatch_size=64)
+    # ... all-reduce (sum) grad_sum over ranks; then, identically on every rank:
+    gen = noise_generator(seed, step, device=...)
+    grads = add_noise_and_normalize(grad_sum, sigma, C, expected_batch_size=q * N, generator=gen)
+
+`loss_fn(params, *example)` is the loss of ONE example (no batch dimension): for diffusion it is
+already the mean over the example's K noise-multiplicity draws, so clipping bounds the averaged
+gradient (DPDM). Each example's gradient over all trainable parameters together is clipped to
+norm <= C, summed; the sum does not depend on `microbatch_size`. Noise N(0, σ²C²) is added once
+to the global sum, and the result is divided by the *expected* batch size q·N, not the drawn one.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dpldm.errors import DpldmError
+
+_CLIP_EPS = 1e-6   # as in opacus: factor = C / (norm + eps), capped at 1
+
+
+def _accumulation_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor],
+                     batch: tuple[Tensor, ...], max_grad_norm: float | None,
+                     microbatch_size: int) -> tuple[dict[str, Tensor], dict]:
+    """Sum over the batch of per-example gradients, each clipped to norm <= max_grad_norm.
+
+    Returns (grad_sum keyed like `params`, stats {"n", "loss_sum", "grad_norm_sum", "clipped"}),
+    where grad_norm_sum sums the unclipped per-example norms and clipped counts norms > C.
+    """
+    if isinstance(microbatch_size, bool) or int(microbatch_size) != microbatch_size or microbatch_size < 1:
+        raise DpldmError(f"dp step: microbatch_size must be an integer >= 1; got {microbatch_size!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise DpldmError(f"dp step: max_grad_norm must be > 0 (or None for no clipping); got {max_grad_norm!r}")
+    if not batch or not all(isinstance(t, Tensor) for t in batch):
+        raise DpldmError("dp step: batch must be a non-empty tuple of tensors indexed along dim 0")
+    n = batch[0].shape[0]
+    if any(t.shape[0] != n for t in batch):
+        raise DpldmError(f"dp step: batch tensors disagree on the batch size: {[t.shape[0] for t in batch]}")
+
+    frozen = {k: v.detach() for k, v in params.items()}
+    grad_sum = {k: torch.zeros_like(v, dtype=_accumulation_dtype(v)) for k, v in frozen.items()}
+    any_param = next(iter(frozen.values()), None)
+    device = any_param.device if any_param is not None else torch.device("cpu")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    clipped = torch.zeros((), dtype=torch.int64, device=device)
+    per_example = torch.func.vmap(torch.func.grad_and_value(loss_fn), in_dims=(None,) + (0,) * len(batch),
+                                  randomness="different")
+    for start in range(0, n, int(microbatch_size)):
+        chunk = tuple(t[start:start + int(microbatch_size)] for t in batch)
+        grads, losses = per_example(frozen, *chunk)
+        sq = sum(g.reshape(g.shape[0], -1).to(torch.float32).pow(2).sum(1) for g in grads.values())
+        norms = torch.as_tensor(sq, dtype=torch.float32, device=device).sqrt()
+        if max_grad_norm is None:
+            factor = torch.ones_like(norms)
+        else:
+            factor = (max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
+            clipped += (norms > max_grad_norm).sum()
+        for k, g in grads.items():
+            grad_sum[k].add_(torch.einsum("b,b...->...", factor.to(grad_sum[k].dtype), g.to(grad_sum[k].dtype)))
+        loss_sum += losses.detach().to(torch.float64).sum()
+        norm_sum += norms.to(torch.float64).sum()
+    stats = {"n": int(n), "loss_sum": float(loss_sum), "grad_norm_sum": float(norm_sum),
+             "clipped": int(clipped)}
+    return grad_sum, stats
+
+
+def noise_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from (seed, step): the same draws on every rank of one device type.
+
+    Not a CSPRNG (see docs/privacy.md); distinct (seed, step) pairs give independent-looking streams.
+    """
+    if int(seed) < 0 or int(step) < 0:
+        raise DpldmError(f"dp step: noise seed and step must be >= 0; got seed={seed}, step={step}")
+    state = np.random.SeedSequence([int(seed), int(step), 0xD9]).generate_state(1, dtype=np.uint64)[0]
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(state) >> 1)
+    return gen
+
+
+def add_noise_and_normalize(grad_sum: Mapping[str, Tensor], noise_multiplier: float,
+                            max_grad_norm: float | None, expected_batch_size: float,
+                            generator: torch.Generator) -> dict[str, Tensor]:
+    """(grad_sum + N(0, σ²C²) per coordinate) / expected_batch_size; call once per logical step.
+
+    Noise is drawn in float32 on the generator's device, parameters in sorted-name order, so every
+    rank holding the same generator adds the same noise.
+    """
+    if not noise_multiplier >= 0:
+        raise DpldmError(f"dp step: noise_multiplier must be >= 0; got {noise_multiplier!r}")
+    if noise_multiplier > 0 and max_grad_norm is None:
+        raise DpldmError("dp step: noise needs a clipping norm (max_grad_norm is None)")
+    if not expected_batch_size > 0:
+        raise DpldmError(f"dp step: expected_batch_size must be > 0; got {expected_batch_size!r}")
+    std = float(noise_multiplier) * float(max_grad_norm or 0.0)
+    out: dict[str, Tensor] = {}
+    for name in sorted(grad_sum):
+        g = grad_sum[name]
+        if std > 0:
+            noise = torch.randn(g.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            g = g + (noise * std).to(device=g.device, dtype=g.dtype)
+        out[name] = g / expected_batch_size
+    return {k: out[k] for k in grad_sum}
+
+
+def assert_dp_compatible(module: nn.Module, params: Mapping[str, Tensor] | None = None) -> None:
+    """DpldmError if `module` would leak private data outside DP or break per-example gradients.
+
+    Rejects BatchNorm (running statistics are computed from private data without noise, and batch
+    statistics mix examples) and InstanceNorm tracking running stats. With `params` (the trainable
+    parameters handed to `clipped_grad_sum`, named as in `module.named_parameters()`), also rejects
+    a parameter that requires grad but is not in `params` (it would be trained without DP).
+    """
+    for name, m in module.named_modules():
+        where = name or type(module).__name__
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise DpldmError(f"dp step: module '{where}' is a {type(m).__name__}: its statistics leak private "
+                             "data and mix examples; use GroupNorm/LayerNorm")
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            raise DpldmError(f"dp step: module '{where}' ({type(m).__name__}) tracks running statistics, which "
+                             "leak private data; set track_running_stats=False")
+    if params is None:
+        return
+    named = dict(module.named_parameters())
+    unknown = sorted(set(params) - set(named))
+    if unknown:
+        raise DpldmError(f"dp step: params not found in the module: {', '.join(unknown[:5])}"
+                         + (" ..." if len(unknown) > 5 else ""))
+    outside = sorted(k for k, p in named.items() if p.requires_grad and k not in params)
+    if outside:
+        raise DpldmError(f"dp step: {len(outside)} parameter(s) require grad but are not DP-trained, e.g. "
+                         f"{', '.join(outside[:3])}; freeze them (requires_grad_(False)) or include them")
