@@ -69,24 +69,33 @@ def _dpldm_command() -> list[str]:
 
 def _check(name: str, value: str, pattern: str, expected: str) -> str:
     if value and not re.fullmatch(pattern, value):
-        raise DpldmError(f"--{name}: expected {expected}; got {value!r}")
+        raise DpldmError(f"--{name} (distributed.{name}): expected {expected}; got {value!r}")
     return value
 
 
-def render(config: str, overrides: list[str], *, nodes: int, gpus_per_node: int, cpus_per_task: int = 0,
-           partition: str = "", time: str = "", account: str = "", verb: str = "finetune",
-           signal_lead: int = 120, workdir: str | Path = ".", job_name: str = "") -> tuple[str, Path]:
-    """The sbatch script text and the run directory (the config's output.dir after overrides)."""
+def render(config: str, overrides: list[str], *, nodes: int | None = None, gpus_per_node: int | None = None,
+           cpus_per_task: int | None = None, partition: str | None = None, time: str | None = None,
+           account: str | None = None, verb: str = "finetune", signal_lead: int = 120,
+           workdir: str | Path = ".", job_name: str = "") -> tuple[str, Path]:
+    """The sbatch script text and the run directory (the config's output.dir after overrides).
+    Resources left None come from the config's distributed.* fields."""
+    cfg = load_config(config, overrides)            # validates the config and overrides before submitting
+    d = cfg.distributed
+    nodes = d.nodes if nodes is None else nodes
+    gpus_per_node = d.gpus_per_node if gpus_per_node is None else gpus_per_node
+    cpus_per_task = d.cpus_per_task if cpus_per_task is None else cpus_per_task
+    partition = d.partition if partition is None else partition
+    time = d.time if time is None else time
+    account = d.account if account is None else account
     if nodes < 1:
-        raise DpldmError(f"--nodes: expected an integer >= 1; got {nodes}")
+        raise DpldmError(f"--nodes (distributed.nodes): expected an integer >= 1; got {nodes}")
     if gpus_per_node < 0:
-        raise DpldmError(f"--gpus-per-node: expected an integer >= 0; got {gpus_per_node}")
+        raise DpldmError(f"--gpus-per-node (distributed.gpus_per_node): expected an integer >= 0; got {gpus_per_node}")
     if cpus_per_task < 0:
-        raise DpldmError(f"--cpus-per-task: expected an integer >= 0; got {cpus_per_task}")
+        raise DpldmError(f"--cpus-per-task (distributed.cpus_per_task): expected an integer >= 0; got {cpus_per_task}")
     _check("time", time, r"(\d+-)?\d+(:\d\d){0,2}", "minutes, HH:MM:SS or D-HH:MM:SS")
     _check("partition", partition, r"[\w.,-]+", "a partition name")
     _check("account", account, r"[\w.-]+", "an account name")
-    cfg = load_config(config, overrides)            # validates the config and overrides before submitting
     workdir = Path(workdir).resolve()
     run_dir = Path(cfg.output.dir)
     run_dir = run_dir if run_dir.is_absolute() else workdir / run_dir
@@ -126,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="render the sbatch script into the run dir and submit it")
     s.add_argument("config", help="YAML preset")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output.dir=/shared/runs/x")
-    s.add_argument("--nodes", type=int, required=True)
-    s.add_argument("--gpus-per-node", type=int, required=True, help="0 = CPU: one task per node (gloo)")
-    s.add_argument("--cpus-per-task", type=int, default=0)
-    s.add_argument("--partition", default="")
-    s.add_argument("--time", default="", help="time limit, e.g. 04:00:00")
-    s.add_argument("--account", default="")
+    # resources default to the config's distributed.{nodes,gpus_per_node,cpus_per_task,time,partition,account}
+    s.add_argument("--nodes", type=int, default=None)
+    s.add_argument("--gpus-per-node", type=int, default=None, help="0 = CPU: one task per node (gloo)")
+    s.add_argument("--cpus-per-task", type=int, default=None, help="0 = don't request")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None, help="time limit, e.g. 04:00:00 ('' = partition default)")
+    s.add_argument("--account", default=None)
     s.add_argument("--job-name", default="")
     s.add_argument("--signal-lead", type=int, default=120, help="seconds before the limit to send SIGUSR1")
     s.add_argument("--verb", default="finetune", choices=["finetune", "pretrain:autoencoder", "pretrain:unet"])

@@ -57,6 +57,15 @@ def test_cpu_job_has_one_task_per_node_and_no_gpu_request(config, tmp_path):
     assert " pretrain unet " in next(line for line in text.splitlines() if line.startswith("srun "))
 
 
+def test_resources_default_to_the_configs_distributed_fields(config, tmp_path):
+    text, _ = slurm.render(str(config), ["distributed.nodes=5", "distributed.gpus_per_node=2",
+                                         "distributed.partition=big", "distributed.time=01:00:00"],
+                           workdir=tmp_path, time="00:30:00")
+    d = _directives(text)
+    assert d["nodes"] == "5" and d["ntasks-per-node"] == "2" and d["partition"] == "big"
+    assert d["time"] == "00:30:00"                                 # a flag beats the config
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     ({"nodes": 0, "gpus_per_node": 1}, "--nodes"),
     ({"nodes": 1, "gpus_per_node": -1}, "--gpus-per-node"),

@@ -7,6 +7,8 @@ deepspeed is imported only in dpldm/distributed/).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -37,7 +39,18 @@ class TorchEngine:
         return self.trainable
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Non-private step: local backward, then the gradients are averaged over ranks (if several)."""
         loss.backward()
+        from dpldm.distributed.env import all_reduce_sum_, world_size
+        world = world_size()
+        if world > 1:
+            for p in self.trainable.values():   # same tensors on every rank, or all_reduce hangs
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = {n: p.grad for n, p in self.trainable.items()}
+            all_reduce_sum_(grads)
+            for g in grads.values():
+                g.div_(world)
 
     def set_grads(self, grads: dict[str, torch.Tensor]) -> None:
         for name, p in self.trainable.items():
@@ -52,7 +65,8 @@ class TorchEngine:
         self.steps += 1
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+        """A snapshot (copied: torch's optimizer state_dict aliases the live state tensors)."""
+        return copy.deepcopy({"optimizer": self.optimizer.state_dict(), "steps": self.steps})
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
