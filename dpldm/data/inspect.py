@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from dpldm.data.images import IMAGE_EXTENSIONS, decode_image, make_grid
-from dpldm.data.stream import BadSample, _label, _text, expand_shards, reader_records
+from dpldm.data.stream import BadSample, expand_shards, reader_records, record_label, record_text
 from dpldm.errors import DpldmError
 
 
@@ -28,7 +28,7 @@ def inspect_shards(pattern: str, grid_path: str = "", grid_count: int = 64) -> d
             if ext is None:
                 raise ValueError("no image in the sample")
             img = decode_image(rec[ext])
-            label = _label(rec)
+            label = record_label(rec)
         except Exception as e:
             bad.append(BadSample(rec["__url__"], rec["__key__"], str(e) or type(e).__name__))
             continue
@@ -38,7 +38,7 @@ def inspect_shards(pattern: str, grid_path: str = "", grid_count: int = 64) -> d
             unlabeled += 1
         else:
             labels[label] += 1
-        if _text(rec):
+        if record_text(rec):
             captions += 1
         if len(grid_images) < grid_count:
             grid_images.append(img)

@@ -4,20 +4,14 @@
         batch["pixels"]  # float32 [B,C,H,W] in [-1,1];  batch["label"] int64 [B] (-1 = none)
         batch["text"], batch["key"]  # list[str]
 
-Sources: a directory (all *.tar in it, sorted), a brace pattern (`shard-{000000..000009}.tar`), a
-glob, `::`-separated lists, or `pipe:CMD` URLs (opened with webdataset's gopen, like webdataset).
-
-Splitting rule (every sample exactly once per epoch over all ranks × DataLoader workers): the shard
-list is shuffled with a seed shared by all ranks (seed, epoch); with T = world_size × workers and
-reader g = rank × workers + worker, the first ⌊S/T⌋·T shards are dealt out whole (shard i to reader
-i mod T) and the S mod T leftover shards are read by every reader, which keeps leftover record j
-(counted over all leftover shards) when j mod T = g. Each reader then shuffles through a buffer of
-`data_cfg.shuffle_buffer` records, decodes, and batches; its last partial batch is kept.
-
-Bad input (truncated/corrupt tar, undecodable image, bad or missing label when required): public data
-is skipped, counted in `loader.skipped` and warned about with shard and key (unless
-`data_cfg.on_error == "raise"`); private data always stops with a DpldmError naming shard and key,
-since dropping private examples silently would change the N the privacy accountant uses.
+Shards: a directory (all *.tar, sorted), brace pattern, glob, `a::b` list or `pipe:CMD` URL (webdataset's
+gopen). Splitting (each sample once per epoch over ranks × DataLoader workers; T readers, reader g): the
+shard list is shuffled identically on all ranks (seed, epoch); the first ⌊S/T⌋·T shards are dealt out
+whole (shard i to reader i mod T); every reader reads the S mod T leftover shards and keeps leftover
+record j when j mod T = g; then a shuffle buffer, decode, batches (last partial batch kept).
+Bad input: public data is skipped, listed in `loader.skipped` and warned about with shard and key
+(`data.on_error: raise` makes it fatal); private data always raises DpldmError naming shard and key,
+since silently dropping private examples changes the N the accountant uses. Details: docs/data.md.
 """
 from __future__ import annotations
 
@@ -180,7 +174,7 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 # -- decoding --------------------------------------------------------------------------------------
 
-def _label(rec: dict) -> Optional[int]:
+def record_label(rec: dict) -> Optional[int]:
     if "cls" in rec:
         try:
             return int(rec["cls"].decode("utf-8").strip())
@@ -196,7 +190,7 @@ def _label(rec: dict) -> Optional[int]:
     return None
 
 
-def _text(rec: dict) -> str:
+def record_text(rec: dict) -> str:
     for ext in ("txt", "caption"):
         if ext in rec:
             return rec[ext].decode("utf-8", errors="replace").strip()
@@ -217,7 +211,7 @@ def decode_record(rec: dict, resolution: Optional[int], channels: Optional[int],
     ext = next((e for e in IMAGE_EXTENSIONS if e in rec), None)
     if ext is None:
         raise ValueError(f"no image in the sample (looked for .{', .'.join(IMAGE_EXTENSIONS)})")
-    label = _label(rec)
+    label = record_label(rec)
     if label is None:
         if require_label:
             raise ValueError("missing .cls label (labels are required here)")
@@ -231,7 +225,7 @@ def decode_record(rec: dict, resolution: Optional[int], channels: Optional[int],
     img = convert_channels(img, channels)
     if resolution is not None:
         img = fit_resolution(img, resolution, transform)
-    return {"pixels": to_float_chw(img), "label": label, "text": _text(rec),
+    return {"pixels": to_float_chw(img), "label": label, "text": record_text(rec),
             "key": rec["__key__"], "shard": rec["__url__"]}
 
 
