@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,10 +47,17 @@ def test_mnist_round_trip_keys_labels_pixels(tmp_path):
     assert np.array_equal(np.asarray(decode_image(first["png"])), src.images[0])
 
 
-def test_mnist_test_split_and_pixel_scale():
+def test_mnist_test_split_is_stored_losslessly():
+    import gzip
+    import pickle
+
+    import mnist
     test = mnist_source("test")
     assert len(test) == 10000 and test.labels[:5].tolist() == [7, 2, 1, 0, 4]
-    assert test.images.max() == 255 and test.images.min() == 0
+    with gzip.open(Path(mnist.__file__).parent / "data" / "mnist.pkl.gz") as f:
+        x, y = pickle.load(f, encoding="latin1")[2]
+    assert np.array_equal(test.images.reshape(-1, 784).astype(np.float32) / 256, x)  # k/256 steps, exact
+    assert np.array_equal(test.labels, y)
 
 
 def test_fashion_mnist_source_and_missing_files(tmp_path):

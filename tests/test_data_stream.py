@@ -234,3 +234,22 @@ def test_bad_patterns_and_counts_are_clear_errors(tmp_path, bad_shards):
     with pytest.warns(BadSampleWarning):
         assert list(loader) == []
     assert "x.tar" in loader.skipped[0].shard
+
+
+def test_gnu_long_names_and_gzipped_shards(tmp_path):
+    """Shards from other tar writers: GNU long member names, and a gzip-compressed tar."""
+    import tarfile
+    long_key = "dir/" + "x" * 120
+    with tarfile.open(tmp_path / "gnu.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for key, label in ((long_key, 3), ("short", 4)):
+            for ext, data in (("png", _png(_gray(label))), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "gz.tar.gz", "w:gz") as tar, tarfile.open(tmp_path / "gnu.tar") as src:
+        for m in src.getmembers():
+            tar.addfile(m, src.extractfile(m))
+    for name in ("gnu.tar", "gz.tar.gz"):
+        samples = list(iterate_samples(str(tmp_path / name)))
+        assert [(s["key"], s["label"]) for s in samples] == [(long_key, 3), ("short", 4)], name
+        assert count_samples(str(tmp_path / name)) == 2
