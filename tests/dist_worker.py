@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpldm.config import DistributedConfig, OptimConfig  # noqa: E402
+from dpldm.data.poisson import PoissonSampler, split_for_rank  # noqa: E402
+from dpldm.privacy.dp_step import add_noise_and_normalize, clipped_grad_sum, noise_generator  # noqa: E402
 from dpldm.distributed.engine import make_engine  # noqa: E402
 from dpldm.distributed.env import all_reduce_sum_, init_distributed  # noqa: E402
 
@@ -49,24 +51,14 @@ def data():
     return torch.randn(N, 1, 6, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
 
 
-def poisson_indices(step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(SEED * 100003 + step)
-    return torch.nonzero(torch.rand(N, generator=g) < EXPECTED_BS / N).flatten()
+def loss_fn(model):
+    """The loss of ONE example, as dp_step.clipped_grad_sum expects."""
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
 
-
-def clipped_grad_sum(model, params, x, y):
-    """Per-example gradients (torch.func), each clipped to C, summed."""
-    buffers = {k: v for k, v in model.named_parameters() if k not in params}
-
-    def loss(p, xi, yi):
-        out = functional_call(model, {**buffers, **p}, (xi[None],))
+    def loss(params, xi, yi):
+        out = functional_call(model, {**frozen, **params}, (xi[None],))
         return nn.functional.cross_entropy(out, yi[None])
-    if len(x) == 0:
-        return {k: torch.zeros_like(v) for k, v in params.items()}
-    per = vmap(grad(loss), in_dims=(None, 0, 0))({k: v.detach() for k, v in params.items()}, x, y)
-    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per.values()))
-    scale = (C / (norms + 1e-12)).clamp(max=1.0)
-    return {k: (g * scale.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in per.items()}
+    return loss
 
 
 def run(engine_name: str, sigma: float, env, resume: dict | None = None):
@@ -76,25 +68,25 @@ def run(engine_name: str, sigma: float, env, resume: dict | None = None):
     engine = make_engine(model, trainable, OptimConfig(name="adam", lr=0.05),
                          DistributedConfig(deepspeed=str(ROOT / ENGINES[engine_name]) if ENGINES[engine_name] else ""))
     x, y = data()
+    sampler = PoissonSampler(N, EXPECTED_BS / N, SEED)
     start, ckpt, noises = 0, None, []
     if resume is not None:
         with torch.no_grad():
             for k, p in trainable.items():
                 p.copy_(resume["weights"][k])
         engine.load_state_dict(resume["engine"])
+        sampler.load_state_dict(resume["sampler"])
         start = CKPT_AT
-    for step in range(start, STEPS):
-        idx = poisson_indices(step)
-        local = idx[env.rank::env.world_size]       # this rank's slice of the global draw
-        grad_sum = clipped_grad_sum(model, engine.params(), x[local], y[local])
+    for step in range(start, STEPS):      # the trainer's logical step (dpldm/train/finetune.py)
+        local = torch.as_tensor(split_for_rank(sampler.next_indices(), env.rank, env.world_size))
+        grad_sum, _ = clipped_grad_sum(loss_fn(model), engine.params(), (x[local], y[local]), C, 4)
         all_reduce_sum_(grad_sum)
-        gen = torch.Generator().manual_seed(SEED * 7919 + step)   # same noise on every rank
-        noise = {k: torch.randn(v.shape, generator=gen) * sigma * C for k, v in grad_sum.items()}
-        noises.append(torch.cat([n.flatten() for n in noise.values()]) / EXPECTED_BS)
-        engine.set_grads({k: (grad_sum[k] + noise[k]) / EXPECTED_BS for k in grad_sum})
+        grads = add_noise_and_normalize(grad_sum, sigma, C, EXPECTED_BS, noise_generator(SEED, step))
+        noises.append(torch.cat([(grads[k] - grad_sum[k] / EXPECTED_BS).flatten() for k in sorted(grads)]))
+        engine.set_grads(grads)
         engine.step()
         if step + 1 == CKPT_AT and resume is None:
-            ckpt = {"engine": engine.state_dict(),
+            ckpt = {"engine": engine.state_dict(), "sampler": sampler.state_dict(),
                     "weights": {k: v.detach().clone() for k, v in engine.params().items()}}
     weights = {k: v.detach().clone() for k, v in engine.params().items()}
     return {"weights": weights, "noise": torch.stack(noises), "ckpt": ckpt}
