@@ -64,11 +64,13 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
     total = min(len(src), limit) if limit else len(src)
     out.mkdir(parents=True, exist_ok=True)
     # An integer mtime keeps tarfile from adding a pax header to every member (it does for float times).
-    tasks = [(k, a, min(a + shard_size, total), out, fmt, split, int(time.time()))
+    mtime = int(time.time())
+    tasks = [(k, a, min(a + shard_size, total), out, fmt, split, mtime)
              for k, a in enumerate(range(0, total, shard_size))]
     workers = workers or min(os.cpu_count() or 1, len(tasks), 8)
     hist: Counter = Counter()
     sizes: Counter = Counter()
+    captions: Counter = Counter()
     done = 0
     t0 = time.time()
     global _SOURCE
@@ -78,20 +80,19 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 results = pool.imap_unordered(_write_shard, tasks)
                 for stats in results:
-                    done = _merge(stats, hist, sizes, done, total, t0, verbose)
+                    done = _merge(stats, (hist, sizes, captions), done, total, t0, verbose)
         else:
             for task in tasks:
-                done = _merge(_write_shard(task), hist, sizes, done, total, t0, verbose)
+                done = _merge(_write_shard(task), (hist, sizes, captions), done, total, t0, verbose)
     finally:
         _SOURCE = None
-    captions = hist.pop("captions", 0)
     shards = sorted(p.name for p in out.glob("shard-*.tar"))
     meta = {
         **request,
         "count": total,
         "class_names": src.class_names,
         "label_histogram": {str(k): hist[k] for k in sorted(hist)},
-        "captions": captions,
+        "captions": captions["txt"],
         "sizes": dict(sizes),
         "shards": shards,
     }
@@ -108,12 +109,13 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
 _SOURCE = None
 
 
-def _write_shard(task) -> tuple[Counter, Counter]:
+def _write_shard(task) -> tuple[Counter, Counter, Counter]:
     """Write samples [start, stop) of the source as shard number `shard` (one ShardWriter shard)."""
     shard, start, stop, out, fmt, split, mtime = task
     src = _SOURCE
     hist: Counter = Counter()
     sizes: Counter = Counter()
+    captions: Counter = Counter()
     with wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=stop - start, start_shard=shard, verbose=0,
                          mtime=mtime) as sink:
         for n in range(start, stop):
@@ -125,18 +127,19 @@ def _write_shard(task) -> tuple[Counter, Counter]:
                 hist[int(rec.label)] += 1
             if rec.caption is not None:
                 sample["txt"] = rec.caption
-                hist["captions"] += 1
+                captions["txt"] += 1
             sample["json"] = json.dumps({"source": src.name, "split": split, "index": rec.index,
                                          "origin": rec.origin, "width": w, "height": h,
                                          "label": rec.label, "caption": rec.caption}).encode()
             sizes[f"{w}x{h}"] += 1
             sink.write(sample)
-    return hist, sizes
+    return hist, sizes, captions
 
 
-def _merge(stats, hist: Counter, sizes: Counter, done: int, total: int, t0: float, verbose: bool) -> int:
-    hist.update(stats[0])
-    sizes.update(stats[1])
+def _merge(stats, into, done: int, total: int, t0: float, verbose: bool) -> int:
+    """Add one shard's (label histogram, sizes, caption count) counters; report progress."""
+    for acc, part in zip(into, stats):
+        acc.update(part)
     done += sum(stats[1].values())
     if verbose:
         print(f"  packed {done}/{total} ({done / max(time.time() - t0, 1e-9):.0f} img/s)", file=sys.stderr)
