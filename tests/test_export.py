@@ -12,6 +12,8 @@ from dpldm.models import pipeline as P
 from dpldm.models.export import export_run
 from dpldm.models.text_encoders import load_text_encoder
 
+torch.set_num_threads(1)   # the CI/dev machine is shared: oversubscribed OpenMP threads are ~10x slower
+
 
 def tiny_model_cfg() -> ModelConfig:
     return ModelConfig(channels=1, resolution=16, latent_channels=4, vae_block_channels=[8, 16],

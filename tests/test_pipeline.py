@@ -13,6 +13,8 @@ from dpldm.errors import DpldmError
 from dpldm.models import pipeline as P
 from dpldm.models.text_encoders import load_text_encoder
 
+torch.set_num_threads(1)   # the CI/dev machine is shared: oversubscribed OpenMP threads are ~10x slower
+
 
 def tiny_model_cfg(**kw) -> ModelConfig:
     base = dict(channels=1, resolution=16, latent_channels=4, vae_block_channels=[8, 16],

@@ -20,6 +20,8 @@ TINY = ["model.channels=1", "model.resolution=16", "model.vae_block_channels=[8,
         "data.shuffle_buffer=64", "optim.lr=2e-3", "train.log_every=100", "train.checkpoint_every=1000",
         "sample.steps=2", "model.ema_decay=0.9"]
 
+torch.set_num_threads(1)   # the CI/dev machine is shared: oversubscribed OpenMP threads are ~10x slower
+
 
 def test_ema_warmup_update_and_state():
     m = torch.nn.Linear(2, 2)
