@@ -100,3 +100,20 @@ def test_bad_ledgers_are_one_line_errors(tmp_path):
         Ledger.load(tmp_path)
     with pytest.raises(DpldmError, match="delta should be < 1/N"):
         make(delta=1e-3, dataset_size=10_000)
+
+
+def test_ledgers_as_the_trainer_and_quickstart_write_them(tmp_path):
+    """No-DP baseline (marked by the trainer), and a run that touched no private data (ε = 0)."""
+    nodp = make(noise_multiplier=0.0, private=False,
+                warnings=["NOT PRIVATE: privacy.enabled=false (no clipping, no noise): the No-DP baseline"])
+    assert len(nodp.warnings) == 1                      # no duplicate marker
+    nodp.steps = 7                                      # the trainer sets steps, never calls spend
+    nodp.save(tmp_path / "nodp")
+    assert json.loads((tmp_path / "nodp" / "privacy.json").read_text())["epsilon"] == "inf"
+    public_only = Ledger(delta=1e-5, target_epsilon=0.0, accountant="none", noise_multiplier=0.0,
+                         sample_rate=0.0, max_grad_norm=0.0, noise_multiplicity=0, dataset_size=0,
+                         expected_batch_size=0, sampling="none", warnings=["uses no private data"])
+    public_only.check_budget(0)
+    public_only.save(tmp_path / "pub")
+    back = Ledger.load(tmp_path / "pub")
+    assert back.private and back.epsilon == 0.0 and back.warnings == ["uses no private data"]

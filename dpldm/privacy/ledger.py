@@ -8,7 +8,8 @@
     ledger.save(run_dir)                      # appends {"step", "epsilon", "time"} to history
 
 A ledger whose noise multiplier is 0 (or that is marked `private=False`) carries a loud
-"NOT PRIVATE: ..." warning; its ε is infinite.
+"NOT PRIVATE: ..." warning; its ε is infinite once it has taken a step. A ledger with
+dataset_size 0 and no steps records a run that used no private data (ε = 0).
 """
 from __future__ import annotations
 
@@ -65,13 +66,20 @@ class Ledger:
     updated: str = ""
 
     def __post_init__(self) -> None:
+        if self.touches_no_private_data:
+            return                         # e.g. the public pretrained model alone: ε = 0 trivially
         _accountant.validate(self.sample_rate, self.delta, noise_multiplier=self.noise_multiplier,
                              steps=self.steps, dataset_size=self.dataset_size)
         if self.noise_multiplier == 0:
-            self._warn("NOT PRIVATE: noise multiplier is 0 (epsilon is infinite)")
             self.private = False
-        if not self.private:
-            self._warn("NOT PRIVATE: this run makes no differential-privacy guarantee")
+        if not self.private and not any(w.startswith("NOT PRIVATE") for w in self.warnings):
+            self._warn("NOT PRIVATE: noise multiplier is 0 (epsilon is infinite)" if self.noise_multiplier == 0
+                       else "NOT PRIVATE: this run makes no differential-privacy guarantee")
+
+    @property
+    def touches_no_private_data(self) -> bool:
+        """A ledger with dataset_size 0 and no steps records a run that never saw private data."""
+        return self.dataset_size == 0 and self.steps == 0
 
     def _warn(self, text: str) -> None:
         if text not in self.warnings:
@@ -88,13 +96,13 @@ class Ledger:
         if steps_taken < self.steps:
             raise DpldmError(f"privacy ledger: steps_taken={steps_taken} is below the {self.steps} "
                              "steps already recorded (a ledger never goes back)")
-        self.epsilon = self.epsilon_after(steps_taken)
+        self.epsilon = self.epsilon_after(steps_taken) if self.private else math.inf
         self.steps = int(steps_taken)
         return self.epsilon
 
     def check_budget(self, next_steps: int) -> None:
         """PrivacyBudgetExceeded if running to `next_steps` steps would exceed target_epsilon."""
-        if not self.private:
+        if not self.private or self.touches_no_private_data:
             return
         eps = self.epsilon_after(next_steps)
         if eps > self.target_epsilon * (1 + BUDGET_RTOL):
@@ -121,6 +129,8 @@ class Ledger:
 
     def save(self, run_dir: str | Path) -> Path:
         """Append a history entry and write RUN/privacy.json atomically (tmp + fsync + rename)."""
+        if not self.private and self.steps > 0:
+            self.epsilon = math.inf        # a non-private run that trained on private data
         self.updated = _now()
         self.history.append({"step": self.steps, "epsilon": self.epsilon, "time": self.updated})
         run_dir = Path(run_dir)
