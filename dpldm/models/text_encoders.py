@@ -88,29 +88,33 @@ def _load_folder(folder: Path, max_length: int):
 # ---------------------------------------------------------------------------------------------
 # open_clip → transformers CLIPTextModel
 
-def _bpe_files(out_dir: Path) -> tuple[Path, Path]:
-    """vocab.json + merges.txt in CLIP's layout, rebuilt from open_clip's shipped BPE file."""
+def _clip_bpe() -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary and merges, rebuilt from the BPE file open_clip ships (as its SimpleTokenizer)."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
     byte_chars = list(bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return out_dir / "vocab.json", out_dir / "merges.txt"
+    return {t: i for i, t in enumerate(vocab)}, merges
 
 
 def clip_tokenizer_from_open_clip(max_length: int):
     """A transformers CLIPTokenizer with open_clip's vocabulary; pads with id 0 ("!") as open_clip does."""
+    import inspect
+
     from transformers import CLIPTokenizer
-    with tempfile.TemporaryDirectory() as d:
-        vocab, merges = _bpe_files(Path(d))
-        tok = CLIPTokenizer(vocab_file=str(vocab), merges_file=str(merges), pad_token="!",
+    vocab, merges = _clip_bpe()
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:      # transformers >= 5
+        tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], pad_token="!",
                             model_max_length=max_length)
-        tok.save_pretrained(d + "/saved")          # detach from the temporary files
-        tok = CLIPTokenizer.from_pretrained(d + "/saved")
-    tok.model_max_length = max_length
+    else:                                                                   # transformers 4: files
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+            (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+            tok = CLIPTokenizer(vocab_file=f"{d}/vocab.json", merges_file=f"{d}/merges.txt", pad_token="!",
+                                model_max_length=max_length)
+    check_tokenizer(tok, "open_clip BPE vocabulary")
     return tok
 
 
@@ -122,8 +126,13 @@ def open_clip_text_to_transformers(model, max_length: int):
     if blocks is None or not hasattr(model, "token_embedding") or not hasattr(model, "ln_final"):
         raise DpldmError("open_clip: only CLIP-style text towers (token_embedding, transformer.resblocks, "
                          "ln_final) can be converted")
-    width = model.token_embedding.weight.shape[1]
     first = blocks[0]
+    if getattr(model, "attn_mask", None) is None:
+        raise DpldmError("open_clip: the text tower has no causal mask; CLIPTextModel is causal")
+    if not isinstance(getattr(first, "ls_1", torch.nn.Identity()), torch.nn.Identity) or \
+            not isinstance(first.attn, torch.nn.MultiheadAttention):
+        raise DpldmError("open_clip: text blocks with layer scale or custom attention cannot be converted")
+    width = model.token_embedding.weight.shape[1]
     act = type(first.mlp.gelu).__name__
     ctx = model.positional_embedding.shape[0]
     if max_length > ctx:
@@ -135,12 +144,12 @@ def open_clip_text_to_transformers(model, max_length: int):
         hidden_act="quick_gelu" if act == "QuickGELU" else "gelu", layer_norm_eps=first.ln_1.eps,
         projection_dim=model.text_projection.shape[1] if model.text_projection is not None else width,
         pad_token_id=0, bos_token_id=49406, eos_token_id=49407)
-    sd = {"text_model.embeddings.token_embedding.weight": model.token_embedding.weight,
-          "text_model.embeddings.position_embedding.weight": model.positional_embedding,
-          "text_model.final_layer_norm.weight": model.ln_final.weight,
-          "text_model.final_layer_norm.bias": model.ln_final.bias}
+    sd = {"embeddings.token_embedding.weight": model.token_embedding.weight,
+          "embeddings.position_embedding.weight": model.positional_embedding,
+          "final_layer_norm.weight": model.ln_final.weight,
+          "final_layer_norm.bias": model.ln_final.bias}
     for i, b in enumerate(blocks):
-        p = f"text_model.encoder.layers.{i}."
+        p = f"encoder.layers.{i}."
         for name, w, bias in zip(("q", "k", "v"), b.attn.in_proj_weight.chunk(3), b.attn.in_proj_bias.chunk(3)):
             sd[p + f"self_attn.{name}_proj.weight"], sd[p + f"self_attn.{name}_proj.bias"] = w, bias
         sd[p + "self_attn.out_proj.weight"], sd[p + "self_attn.out_proj.bias"] = b.attn.out_proj.weight, b.attn.out_proj.bias
@@ -150,7 +159,8 @@ def open_clip_text_to_transformers(model, max_length: int):
         sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = b.mlp.c_proj.weight, b.mlp.c_proj.bias
     encoder = CLIPTextModel(cfg)
     sd = {k: v.detach().clone().float() for k, v in sd.items()}
-    missing, unexpected = encoder.load_state_dict(sd, strict=False)
+    target = getattr(encoder, "text_model", encoder)     # transformers 4 nests the text model
+    missing, unexpected = target.load_state_dict(sd, strict=False)
     missing = [k for k in missing if "position_ids" not in k]
     if missing or unexpected:
         raise DpldmError(f"open_clip: conversion left weights unmatched: {missing[:3]} {unexpected[:3]}")
@@ -158,8 +168,14 @@ def open_clip_text_to_transformers(model, max_length: int):
 
 
 def load_open_clip(arch: str, checkpoint: str, max_length: int):
-    """(CLIPTokenizer, CLIPTextModel) converted from open_clip `arch` with weights from a local file."""
+    """(CLIPTokenizer, CLIPTextModel) converted from open_clip `arch` (a registered name, or a model
+    config .json file) with weights from a local checkpoint (.pt/.bin state dict or .safetensors)."""
     import open_clip
+    if arch.endswith(".json"):           # a model config file: register it under its stem
+        if not Path(arch).is_file():
+            raise DpldmError(f"config: model.text_encoder open_clip config {arch} does not exist")
+        open_clip.add_model_config(arch)
+        arch = Path(arch).stem
     if not Path(checkpoint).is_file():
         raise DpldmError(f"config: model.text_encoder open_clip checkpoint {checkpoint} does not exist")
     if arch not in open_clip.list_models():
