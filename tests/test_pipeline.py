@@ -13,7 +13,14 @@ from dpldm.errors import DpldmError
 from dpldm.models import pipeline as P
 from dpldm.models.text_encoders import load_text_encoder
 
-torch.set_num_threads(1)   # the CI/dev machine is shared: oversubscribed OpenMP threads are ~10x slower
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The dev/CI CPU is shared: two OpenMP threads per process oversubscribe it (~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_model_cfg(**kw) -> ModelConfig:
@@ -170,3 +177,33 @@ def test_vqmodel_vae_accepted(saved, tmp_path):
     mean, std = P.encode_images(c.vae, torch.zeros(1, 1, 16, 16))
     assert mean.shape == (1, 4, 8, 8) and torch.count_nonzero(std) == 0
     assert P.decode_latents(c.vae, mean).shape == (1, 1, 16, 16)
+
+
+def test_save_keeps_fp32_files_for_bf16_parts(saved, tmp_path):
+    """On CUDA the frozen VAE/text encoder run in bf16; saving must still write fp32 and restore bf16."""
+    from safetensors import safe_open
+    folder, _ = saved
+    c = P.load_pipeline(folder)
+    c.vae.to(torch.bfloat16)
+    c.text_encoder.to(torch.bfloat16)
+    P.save_pipeline(c, tmp_path / "again")
+    for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        with safe_open(str(tmp_path / "again" / part), "pt") as f:
+            assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float32
+    assert c.vae.dtype == torch.bfloat16 and c.text_encoder.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_load_dtypes_and_encoding(saved):
+    folder, _ = saved
+    c = P.load_pipeline(folder, device="cuda")
+    assert c.vae.dtype == torch.bfloat16 and c.text_encoder.dtype == torch.bfloat16
+    assert c.unet.dtype == torch.float32 and c.unet.device.type == "cuda"
+    emb = P.encode_prompts(c, ["a digit zero"])
+    assert emb.dtype == torch.float32 and emb.is_cuda
+    mean, std = P.encode_images(c.vae, torch.zeros(1, 1, 16, 16))
+    assert mean.dtype == torch.float32 and mean.is_cuda
+    with torch.no_grad():
+        out = c.unet(mean, torch.tensor([10], device="cuda"), encoder_hidden_states=emb).sample
+    assert torch.isfinite(out).all()
