@@ -107,6 +107,7 @@ class DeepSpeedEngine:
         self.base_lr = optim_cfg.lr
         self.warmup = optim_cfg.warmup_steps
         self.steps = 0
+        self._loaded = False
         optimizer = make_optimizer(list(self.holder.ps), optim_cfg)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         backend = None if dist_cfg.backend == "auto" else dist_cfg.backend
@@ -170,6 +171,7 @@ class DeepSpeedEngine:
                     st["step"] = torch.as_tensor(float(state["optimizer_step"])) \
                         if torch.is_tensor(st["step"]) else state["optimizer_step"]
         self.steps = int(state["steps"])
+        self._loaded = True            # the fp32 master was set directly; the holder's copy is stale
         self._sync_module()
 
     # -- internals ---------------------------------------------------------------------------
@@ -200,7 +202,12 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_get_full_fp32_param
         with torch.no_grad():
             for p_hold, p in zip(self.holder.ps, self.trainable.values()):
-                p.copy_(safe_get_full_fp32_param(p_hold).reshape(p.shape).to(p.dtype))
+                if self.stage < 3 and p_hold.dtype == torch.float32 and not self._loaded:
+                    value = p_hold.data        # ZeRO 1/2 all-gathered the updated fp32 values already
+                else:
+                    value = safe_get_full_fp32_param(p_hold)
+                p.copy_(value.reshape(p.shape).to(p.dtype))
+        self._loaded = False
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         opt = self.optimizer
