@@ -207,3 +207,41 @@ def test_cuda_load_dtypes_and_encoding(saved):
     with torch.no_grad():
         out = c.unet(mean, torch.tensor([10], device="cuda"), encoder_hidden_states=emb).sample
     assert torch.isfinite(out).all()
+
+
+def test_sd15_style_folder_with_clip(saved, tmp_path):
+    """A Stable-Diffusion-1.5-shaped folder: CLIPTextModel + a CLIPTokenizer given as vocab.json/merges.txt
+    only (no tokenizer.json), PNDM scheduler: dpldm loads it and trains with DDPM betas from it."""
+    from diffusers import PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dpldm.models.text_encoders import _clip_bpe
+    folder, comps = saved
+    sd = tmp_path / "sd15"
+    shutil.copytree(folder, sd)
+    for part in ("text_encoder", "tokenizer", "scheduler"):
+        shutil.rmtree(sd / part)
+    vocab, merges = _clip_bpe()
+    (sd / "tokenizer").mkdir()
+    (sd / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (sd / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (sd / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 8, "pad_token": "<|endoftext|>",
+         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=384, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=8)).save_pretrained(sd / "text_encoder")
+    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  skip_prk_steps=True).save_pretrained(sd / "scheduler")
+    index = json.loads((sd / "model_index.json").read_text())
+    index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"],
+                 scheduler=["diffusers", "PNDMScheduler"])
+    (sd / "model_index.json").write_text(json.dumps(index))
+    (sd / "dpldm.json").unlink()
+    c = P.load_pipeline(sd)
+    assert type(c.text_encoder).__name__ == "CLIPTextModel" and len(c.tokenizer) == 49408
+    assert isinstance(c.scheduler, diffusers.DDPMScheduler)
+    torch.testing.assert_close(c.scheduler.alphas_cumprod, comps.scheduler.alphas_cumprod)
+    assert c.meta["class_names"] == [] and c.meta["resolution"] == 16
+    pipe = diffusers.DiffusionPipeline.from_pretrained(sd)
+    pos, _ = pipe.encode_prompt(["a dog"], "cpu", 1, False, None)
+    torch.testing.assert_close(P.encode_prompts(c, ["a dog"]), pos)
