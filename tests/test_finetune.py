@@ -118,7 +118,8 @@ def test_non_private_baseline_runs_identical_loop(tmp_path, assets):
 def test_plain_and_per_example_paths_agree_without_clipping(tmp_path, assets):
     """The No-DP loop (ordinary backprop) and the DP loop with C=inf, sigma=0 give the same update."""
     pipe, shards = assets
-    common = {"train.steps": 2, "privacy.max_grad_norm": 1e9, "privacy.noise_multiplier": 0.0}
+    # SGD: Adam's g/(|g|+eps) would amplify float rounding of near-zero gradients into visible differences
+    common = {"train.steps": 2, "privacy.max_grad_norm": 1e9, "privacy.noise_multiplier": 0.0, "optim.name": "sgd"}
     a = ft.run_finetune(finetune_config(tmp_path, pipe, shards, "dp", **common))
     b = ft.run_finetune(finetune_config(tmp_path, pipe, shards, "nodp", **{**common, "privacy.enabled": False}))
     wa, wb = adapter_weights(a), adapter_weights(b)

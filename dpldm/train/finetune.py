@@ -246,7 +246,7 @@ def run_finetune(cfg: Config) -> Path:
         check_resume(ledger, fresh, run_dir)
     if ledger.private:
         ledger.check_budget(steps)
-    for w in ledger.warnings:
+    for w in dict.fromkeys(ledger.warnings):
         log(f"!!! {w}", env)
     log(f"finetune: N={n} q={q:.5g} steps={steps} sigma={sigma:.4g} C={cfg.privacy.max_grad_norm} "
         f"K={cfg.privacy.noise_multiplicity} accountant={cfg.privacy.accountant} "
