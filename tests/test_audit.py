@@ -58,4 +58,56 @@ def test_guesses_take_top_and_bottom_scores():
 def test_canaries_are_distinct_patterns():
     x, y = make_canaries(32, 1, 16, 10, seed=0)
     assert x.shape == (32, 1, 16, 16) and set(x.unique().tolist()) <= {0, 255}
-    assert len({bytes(i.numpy()) for i in x}) == 32 and 0 <= int(y.min()) and int(y.max()) < 10
+    assert len({bytes(i.numpy()) for i in x}) == 32 and y.tolist() == list(range(10, 42))   # own classes
+
+
+# -- end to end: one real fine-tune each on a tiny pipeline (8×8 latents) ---------------------------
+
+@pytest.fixture(scope="module")
+def scaled_pipeline(tmp_path_factory):
+    """tests/tiny.py's random-weight pipeline, but with the VAE's scaling_factor measured on canary-like
+    images (as `dpldm pretrain autoencoder` does): with the raw random VAE, latents have std ~0.05 and
+    vanish under the diffusion noise, so no image could be memorised at all."""
+    import torch
+
+    from dpldm.models.pipeline import encode_images, load_pipeline, save_pipeline
+    from tiny import make_tiny_pipeline
+    torch.set_num_threads(1)
+    folder = make_tiny_pipeline(tmp_path_factory.mktemp("audit") / "pipe")
+    comps = load_pipeline(folder)
+    x, _ = make_canaries(64, 1, 16, 0, seed=99)
+    z, _ = encode_images(comps.vae, x.float() / 127.5 - 1)
+    comps.vae.register_to_config(scaling_factor=float(1 / z.std()))
+    save_pipeline(comps, folder)
+    return folder
+
+
+def _audit_cfg(tmp_path, pipe, **over):
+    from tiny import finetune_config
+    base = {"data.private": "", "privacy.expected_batch_size": 8, "adapter.kind": "full", "optim.lr": 1e-3,
+            "train.log_every": 100, "privacy.noise_multiplicity": 2}
+    base.update(over)
+    return finetune_config(tmp_path, pipe, tmp_path, out="unused", **base)
+
+
+def test_audit_detects_a_leaky_non_private_run(tmp_path, scaled_pipeline):
+    from dpldm.privacy.audit import run_audit
+    cfg = _audit_cfg(tmp_path, scaled_pipeline, **{"privacy.enabled": False, "train.steps": 150})
+    res = run_audit(cfg, canaries=32, guesses=16, out_dir=str(tmp_path / "leaky"), log=lambda m: None)
+    assert res["private"] is False and math.isinf(res["claimed_epsilon"])
+    assert res["epsilon_lower_bound"] > 0.5, res
+    print("leaky audit:", res["correct"], "/", res["guesses"], "eps >=", res["epsilon_lower_bound"])
+    md = (tmp_path / "leaky" / "audit.md").read_text()
+    assert "NOT PRIVATE" in md and "cannot show" in md
+
+
+def test_audit_of_a_dp_run_stays_below_the_claimed_epsilon(tmp_path, scaled_pipeline):
+    import json
+    from dpldm.privacy.audit import run_audit
+    cfg = _audit_cfg(tmp_path, scaled_pipeline, **{"privacy.target_epsilon": 4.0, "train.steps": 10})
+    res = run_audit(cfg, canaries=32, guesses=16, out_dir=str(tmp_path / "dp"), log=lambda m: None)
+    assert res["private"] is True and 0 < res["claimed_epsilon"] <= 4.0 * 1.001
+    assert res["epsilon_lower_bound"] < res["claimed_epsilon"] and not res["exceeds_claim"]
+    print("dp audit:", res["correct"], "/", res["guesses"], "eps >=", res["epsilon_lower_bound"], "claimed", res["claimed_epsilon"])
+    saved = json.loads((tmp_path / "dp" / "audit.json").read_text())
+    assert saved["guesses"] == 16 and len(saved["scores"]) == 32 and sum(saved["members"]) > 0

@@ -96,27 +96,32 @@ def audit_statistics(scores: np.ndarray, members: np.ndarray, k_pos: int, k_neg:
 
 # -- canaries and scoring -----------------------------------------------------------------------
 
-def make_canaries(m: int, channels: int, resolution: int, num_classes: int, seed: int = 0):
-    """m distinctive images: random high-contrast 4×4 block patterns (uint8 [m,C,H,W]) + labels."""
+def make_canaries(m: int, channels: int, resolution: int, first_label: int, seed: int = 0):
+    """m distinctive images: random high-contrast 8×8 block patterns (uint8 [m,C,H,W]), far from
+    natural data and from each other, each with its OWN class label first_label + i (prompt
+    "canary i"), so a member's prompt→image pair can only be learnt from that canary itself."""
     g = torch.Generator().manual_seed(seed)
-    blocks = (torch.rand(m, channels, 4, 4, generator=g) > 0.5).float()
+    blocks = (torch.rand(m, channels, 8, 8, generator=g) > 0.5).float()
     img = torch.nn.functional.interpolate(blocks, size=(resolution, resolution), mode="nearest")
-    labels = torch.randint(0, max(num_classes, 1), (m,), generator=g)
-    return (img * 255).to(torch.uint8), labels
+    return (img * 255).to(torch.uint8), torch.arange(first_label, first_label + m)
 
 
 @torch.no_grad()
 def diffusion_losses(comps, unet, images: torch.Tensor, labels: torch.Tensor, prompts: list[str],
                      k: int, seed: int) -> np.ndarray:
-    """Per-canary diffusion loss at K fixed (timestep, noise) draws keyed by (seed, canary index)."""
+    """Per-canary diffusion loss at K fixed (timestep, noise) draws keyed by (seed, canary index),
+    timesteps from the high-noise second half of the schedule."""
     from dpldm.models.diffusion_loss import diffusion_loss, example_draws, unet_caller
     from dpldm.models.pipeline import encode_images, encode_prompts
 
     device = next(unet.parameters()).device
     z, _ = encode_images(comps.vae, images.float().div(127.5).sub(1).to(device))
     table = encode_prompts(comps, prompts).to(device)
-    t, noise, _ = example_draws(seed, 0, range(len(z)), k, tuple(z.shape[1:]),
-                                comps.scheduler.config.num_train_timesteps)
+    # high-noise timesteps (second half): a model that memorised an image predicts its noise there,
+    # while generic denoising (which also helps non-members) does not
+    half = comps.scheduler.config.num_train_timesteps // 2
+    t, noise, _ = example_draws(seed, 0, range(len(z)), k, tuple(z.shape[1:]), half)
+    t = t + half
     pred_type = comps.scheduler.config.prediction_type
     out = []
     for i in range(0, len(z), 16):
@@ -127,7 +132,7 @@ def diffusion_losses(comps, unet, images: torch.Tensor, labels: torch.Tensor, pr
     return torch.cat(out).double().numpy()
 
 
-def canary_scores(pretrained: str, run_dir: Path, images, labels, prompts, k: int = 8, seed: int = 1234) -> np.ndarray:
+def canary_scores(pretrained: str, run_dir: Path, images, labels, prompts, k: int = 16, seed: int = 1234) -> np.ndarray:
     """Loss decrease (before − after fine-tuning) of each canary; members should decrease more."""
     from dpldm.models.adapters import load_adapter
     from dpldm.models.pipeline import load_pipeline
@@ -159,8 +164,9 @@ def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out
         base_x, base_y = load_shards(cfg.data.private, channels=ch, resolution=res, limit=cfg.data.limit)
     else:
         base_x, base_y = torch.zeros(0, ch, res, res), torch.zeros(0, dtype=torch.long)
-    names = list(cfg.model.class_names) or [str(i) for i in range(int(base_y.max()) + 1 if len(base_y) else 1)]
+    names = list(cfg.model.class_names) or [str(i) for i in range(int(base_y.max()) + 1 if len(base_y) else 0)]
     cx, cy = make_canaries(canaries, ch, res, len(names), seed)
+    names = names + [f"canary {i}" for i in range(canaries)]
     members = (torch.rand(canaries, generator=torch.Generator().manual_seed(seed + 1)) < 0.5).numpy()
     log(f"audit: {canaries} canaries, {int(members.sum())} inserted into {len(base_x)} private examples")
     priv_x = torch.cat([(base_x * 255).round().to(torch.uint8), cx[torch.from_numpy(members)]])
@@ -183,7 +189,7 @@ def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out
     result.update(claimed_epsilon=ledger.get("epsilon") if ledger.get("private") else math.inf,
                   claimed_delta=ledger.get("delta"), accountant=ledger.get("accountant"),
                   private=bool(ledger.get("private")), run=str(run_dir), scores=scores.tolist(),
-                  members=members.astype(int).tolist(), score="diffusion-loss decrease, 8 fixed draws",
+                  members=members.astype(int).tolist(), score="diffusion-loss decrease at 16 fixed high-noise draws",
                   bound_kind="Steinke-Nasr-Jagielski 2023, δ-adjusted (pure-ε value also given)")
     result["exceeds_claim"] = bool(result["private"] and result["epsilon_lower_bound"] > result["claimed_epsilon"])
     out.mkdir(parents=True, exist_ok=True)
