@@ -9,14 +9,16 @@ from dpldm.config import Config, ModelConfig
 DIGITS = [str(i) for i in range(10)]
 
 
-def tiny_model_config(resolution: int = 16) -> ModelConfig:
-    return ModelConfig(resolution=resolution, channels=1, latent_channels=4, vae_block_channels=[8, 16],
+def tiny_model_config(resolution: int = 16, vae_block_channels=(8, 16), channels: int = 1) -> ModelConfig:
+    return ModelConfig(resolution=resolution, channels=channels, latent_channels=4,
+                       vae_block_channels=list(vae_block_channels),
                        unet_block_channels=[16, 32], unet_attention=[False, True], unet_attention_head_dim=8,
                        norm_groups=8, class_names=DIGITS, prompt_template="digit {name}", max_text_length=8)
 
 
-def make_tiny_pipeline(folder: Path, resolution: int = 16, seed: int = 0) -> Path:
-    """A random-weight SD-layout pipeline (VAE factor 2, so 16 px → 8×8×4 latents)."""
+def make_tiny_pipeline(folder: Path, resolution: int = 16, seed: int = 0, vae_block_channels=(8, 16),
+                       channels: int = 1) -> Path:
+    """A random-weight SD-layout pipeline (default VAE factor 2, so 16 px → 8×8×4 latents)."""
     import torch
 
     from dpldm.models.pipeline import Components, build_scheduler, build_unet, build_vae, make_meta, save_pipeline
@@ -24,10 +26,10 @@ def make_tiny_pipeline(folder: Path, resolution: int = 16, seed: int = 0) -> Pat
     if (folder / "model_index.json").exists():
         return folder
     torch.manual_seed(seed)
-    mc = tiny_model_config(resolution)
+    mc = tiny_model_config(resolution, vae_block_channels, channels)
     tokenizer, encoder = load_text_encoder("minilm", mc.max_text_length)
     vae = build_vae(mc)
-    unet = build_unet(mc, encoder.config.hidden_size, resolution // 2)
+    unet = build_unet(mc, encoder.config.hidden_size, resolution // 2 ** (len(vae_block_channels) - 1))
     save_pipeline(Components(vae, unet, encoder, tokenizer, build_scheduler(mc), make_meta(mc, "tests")), folder)
     return folder
 

@@ -206,16 +206,6 @@ def new_ledger(cfg: Config, n: int, q: float, sigma: float) -> Ledger:
                   sampling="poisson", private=bool(p.enabled and sigma > 0), warnings=warnings, history=[])
 
 
-def check_resume(ledger: Ledger, fresh: Ledger, run_dir: Path) -> None:
-    for field in ("sample_rate", "noise_multiplier", "max_grad_norm", "noise_multiplicity", "dataset_size",
-                  "accountant", "delta", "private"):
-        old, new = getattr(ledger, field), getattr(fresh, field)
-        same = math.isclose(old, new, rel_tol=1e-9) if isinstance(old, float) else old == new
-        if not same:
-            raise DpldmError(f"{run_dir}/privacy.json: {field} was {old!r}, the config now gives {new!r}; "
-                             "resume with the same privacy settings or use a new output.dir")
-
-
 def run_finetune(cfg: Config) -> Path:
     from dpldm.models.adapters import attach_adapter, parameter_table, trainable_named_parameters
     from dpldm.models.pipeline import load_pipeline
@@ -243,7 +233,9 @@ def run_finetune(cfg: Config) -> Path:
     ledger = fresh
     if Ledger.exists(run_dir):
         ledger = Ledger.load(run_dir)
-        check_resume(ledger, fresh, run_dir)
+        ledger.check_same_mechanism(**{k: getattr(fresh, k) for k in (
+            "sample_rate", "noise_multiplier", "max_grad_norm", "noise_multiplicity", "dataset_size",
+            "expected_batch_size", "accountant", "delta", "private")})
     if ledger.private:
         ledger.check_budget(steps)
     for w in dict.fromkeys(ledger.warnings):
