@@ -12,7 +12,14 @@ from dpldm.models import pipeline as P
 from dpldm.models.export import export_run
 from dpldm.models.text_encoders import load_text_encoder
 
-torch.set_num_threads(1)   # the CI/dev machine is shared: oversubscribed OpenMP threads are ~10x slower
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The dev/CI CPU is shared: two OpenMP threads per process oversubscribe it (~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_model_cfg() -> ModelConfig:
@@ -139,3 +146,12 @@ def test_export_loda_loads_with_plain_diffusers(tmp_path, base):
     torch.testing.assert_close(unet_out(pipe.unet), unet_out(adapted), atol=1e-5, rtol=1e-5)
     images = pipe(["x"], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 16, 1) and np.isfinite(images).all()
+
+
+def test_export_attention_adapter_folder(tmp_path, base):
+    run, adapted = adapted_run(tmp_path, base, "attention")
+    out = export_run(run, tmp_path / "attn")
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out)
+    assert type(pipe.unet) is diffusers.UNet2DConditionModel
+    torch.testing.assert_close(unet_out(pipe.unet), unet_out(adapted), atol=1e-5, rtol=1e-5)

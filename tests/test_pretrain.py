@@ -20,7 +20,14 @@ TINY = ["model.channels=1", "model.resolution=16", "model.vae_block_channels=[8,
         "data.shuffle_buffer=64", "optim.lr=2e-3", "train.log_every=100", "train.checkpoint_every=1000",
         "sample.steps=2", "model.ema_decay=0.9"]
 
-torch.set_num_threads(1)   # the CI/dev machine is shared: oversubscribed OpenMP threads are ~10x slower
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The dev/CI CPU is shared: two OpenMP threads per process oversubscribe it (~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_ema_warmup_update_and_state():
@@ -102,3 +109,15 @@ def write_yaml(tmp_path):
 def test_pretrain_unet_needs_vae(shards, tmp_path):
     code = cli_main(["pretrain", "unet", str(write_yaml(tmp_path)), f"data.public={shards}", "train.steps=1"])
     assert code == 2
+
+
+def test_condition_prompts():
+    from dpldm.errors import DpldmError
+    from dpldm.train.pretrain import condition_prompts
+    assert condition_prompts([1, 0], ["", ""], ["zero", "one"], "a {name}") == ["a one", "a zero"]
+    assert condition_prompts([-1, -1], ["a cat", "a dog"], [], "{name}") == ["a cat", "a dog"]
+    assert condition_prompts([-1], [""], [], "{name}") == [""]
+    with pytest.raises(DpldmError, match="mixes"):
+        condition_prompts([0, -1], ["", ""], ["zero"], "{name}", ["k0", "k1"])
+    with pytest.raises(DpldmError, match="class_names has 1"):
+        condition_prompts([3], [""], ["zero"], "{name}")

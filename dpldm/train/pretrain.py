@@ -100,6 +100,19 @@ class PublicBatches:
             yield b["pixels"]
 
 
+def condition_prompts(labels: list[int], texts: list[str], class_names: list[str], template: str,
+                      keys: list[str] | None = None) -> list[str]:
+    """The prompt of each example: its class prompt when labelled, else its caption, else ""."""
+    if any(l >= 0 for l in labels):
+        if any(l < 0 for l in labels):
+            key = keys[labels.index(-1)] if keys else "?"
+            raise DpldmError(f"data.public: a batch mixes labelled and unlabelled samples (key {key})")
+        if max(labels) >= len(class_names):
+            raise DpldmError(f"data.public: label {max(labels)} but model.class_names has {len(class_names)} names")
+        return [template.format(name=class_names[l], id=l) for l in labels]
+    return list(texts) if any(texts) else [""] * len(labels)
+
+
 def total_steps(cfg: Config) -> int:
     if cfg.train.steps > 0:
         return cfg.train.steps
@@ -180,20 +193,12 @@ class UNetTrainer(Trainer):
         self.out_dir = Path(cfg.output.dir) / "pipeline"
         self.history: list[float] = []
 
-    # conditioning: class prompts (labels), captions (text) or the empty prompt
     def prompts_for(self, batch: dict) -> list[str]:
         labels = batch["label"].tolist()
-        if any(l >= 0 for l in labels):
-            if any(l < 0 for l in labels):
-                raise DpldmError(f"data.public: a batch mixes labelled and unlabelled samples (key "
-                                 f"{batch['key'][labels.index(-1)]})")
-            if self.class_names and max(labels) >= len(self.class_names):
-                raise DpldmError(f"data.public: label {max(labels)} but model.class_names has "
-                                 f"{len(self.class_names)} names")
+        if labels and max(labels) >= 0:
             self.max_label = max(self.max_label, max(labels))
-            names = self.class_names or [str(i) for i in range(self.max_label + 1)]
-            return [self.template.format(name=names[l], id=l) for l in labels]
-        return list(batch["text"]) if any(batch["text"]) else [""] * len(labels)
+        names = self.class_names or [str(i) for i in range(self.max_label + 1)]
+        return condition_prompts(labels, list(batch["text"]), names, self.template, batch["key"])
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Prompt embeddings, cached per distinct prompt (class prompts repeat every step)."""
