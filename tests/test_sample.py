@@ -59,7 +59,7 @@ def test_sample_run_writes_pngs_grid_and_shards(tmp_path, pipe32):
     assert len(samples) == 20
     labels = [int(s["cls"]) for s in samples]
     assert sorted(labels) == sorted([i % 10 for i in range(20)])  # class-balanced
-    meta = json.loads(samples[3]["json"])
+    meta = samples[3]["json"]  # decoded by webdataset
     assert meta["prompt"] == f"digit {labels[3]}" and samples[3]["png"].size == (32, 32)
 
 
