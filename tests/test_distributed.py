@@ -2,6 +2,7 @@
 globally, checkpoints that resume on another world size; plus rank discovery from torchrun/SLURM env."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -162,3 +163,29 @@ def test_deepspeed_config_bf16_auto_and_bad_configs(tmp_path):
             load_deepspeed_config(str(bad))
     with pytest.raises(DpldmError, match="does not exist"):
         load_deepspeed_config(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.slow
+def test_dpldm_finetune_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 dpldm finetune` == one process (σ=0, clipping on): same adapter.
+    SGD, because Adam's m/sqrt(v) amplifies float-summation-order differences in near-zero gradients."""
+    from safetensors.torch import load_file
+
+    from dpldm.config import save_config
+    from dpldm.train import finetune as ft
+    from tiny import finetune_config, make_mnist_shards, make_tiny_pipeline
+    pipe, shards = make_tiny_pipeline(tmp_path / "pipe"), make_mnist_shards(tmp_path / "mnist", n=64)
+    cfg = finetune_config(tmp_path, pipe, shards, "one", **{"privacy.noise_multiplier": 0.0, "train.steps": 2,
+                                                             "optim.name": "sgd", "optim.lr": 0.5})
+    ft.run_finetune(cfg)                                    # one process, in this interpreter
+    save_config(cfg, tmp_path / "ft.yaml")
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+          str(_free_port()), str(Path(sys.executable).parent / "dpldm"), "finetune", str(tmp_path / "ft.yaml"),
+          f"output.dir={tmp_path / 'two'}"], tmp_path)
+    one = load_file(str(tmp_path / "one/adapter/adapter.safetensors"))
+    two = load_file(str(tmp_path / "two/adapter/adapter.safetensors"))
+    assert one.keys() == two.keys() and len(one) > 0
+    assert _maxdiff(one, two) < 1e-5
+    assert max(v.abs().max().item() for k, v in one.items() if "loda_B" in k) > 0
+    ledger = json.loads((tmp_path / "two/privacy.json").read_text())
+    assert ledger["steps"] == 2 and ledger["private"] is False     # σ=0 is marked NOT PRIVATE
