@@ -87,7 +87,7 @@ def main(args) -> int:
 def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epochs: int, seeds: int,
                sizes: dict) -> list[dict]:
     """No-DP classifier on the real private data, and opacus DP-SGD at each private run's (ε, δ)."""
-    from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
+    from dpldm.eval.dpsgd_baseline import DEFAULTS, train_dpsgd_classifier
     from dpldm.eval.classifier import accuracy
 
     x_tr, y_tr = load_shards(real_train, channels=x_test.shape[1], resolution=x_test.shape[-1])
@@ -101,6 +101,7 @@ def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epo
         accs, ledger = [], None
         for seed in range(seeds):
             model, ledger = train_dpsgd_classifier(x_tr, y_tr, target_epsilon=eps, delta=delta, seed=seed,
+                                                   expected_batch_size=min(DEFAULTS["expected_batch_size"], len(x_tr) // 2),
                                                    num_classes=int(max(y_tr.max(), y_test.max())) + 1, log=_log)
             accs.append(accuracy(model, x_test, y_test))
             _log(f"DP-SGD eps={eps:.3g} seed {seed}: accuracy {accs[-1]:.4f} ({ledger['seconds']:.0f} s)")
