@@ -66,7 +66,8 @@ def run(engine_name: str, sigma: float, env, resume: dict | None = None):
     model = TinyNet()
     trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
     engine = make_engine(model, trainable, OptimConfig(name="adam", lr=0.05),
-                         DistributedConfig(deepspeed=str(ROOT / ENGINES[engine_name]) if ENGINES[engine_name] else ""))
+                         DistributedConfig(deepspeed=str(ROOT / ENGINES[engine_name]) if ENGINES[engine_name] else "",
+                                           backend="gloo"))
     x, y = data()
     sampler = PoissonSampler(N, EXPECTED_BS / N, SEED)
     start, ckpt, noises = 0, None, []

@@ -110,10 +110,12 @@ class DeepSpeedEngine:
         self._loaded = False
         optimizer = make_optimizer(list(self.holder.ps), optim_cfg)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        backend = None if dist_cfg.backend == "auto" else dist_cfg.backend
+        if not torch.distributed.is_initialized():    # one process: DeepSpeed still wants a group
+            backend = dist_cfg.backend if dist_cfg.backend != "auto" else \
+                ("nccl" if torch.cuda.is_available() else "gloo")
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.holder, optimizer=optimizer, config=ds_config, dist_init_required=None,
-            **({"dist_backend": backend} if backend else {}))
+            model=self.holder, optimizer=optimizer, config=ds_config, dist_init_required=False)
 
     # -- interface ---------------------------------------------------------------------------
     def params(self) -> dict[str, torch.Tensor]:
