@@ -1,0 +1,240 @@
+"""DP overhead: step time and peak memory of the DP step over the non-private step, per adapter kind.
+
+    .venv/bin/python benchmarks/dp_overhead.py [--batch 64] [--k 1] [--repeat 3] [--kinds loda lora ...]
+
+The model is the quickstart latent U-Net (UNet2DConditionModel, channels [64, 128], cross-attention
+at the second level, MiniLM-sized 16×384 conditioning) on 8×8×4 latents. One step = the gradient of
+one logical batch of `--batch` examples (K noise draws each), in one micro-batch of `--microbatch`:
+- non-DP: plain backward of the summed diffusion loss (what `privacy.enabled=false` runs),
+- DP torch.func: `clipped_grad_sum` (vmap(grad)) + `add_noise_and_normalize`, as the trainer runs it,
+- DP torch.func, bmm attention: the same with diffusers' classic `AttnProcessor` instead of SDPA
+  (torch.func has no batching rule for the CPU SDPA kernels and falls back to a per-example loop),
+- DP opacus hooks: `GradSampleModule` per-row gradients, an example's K rows summed, clipped.
+Timing: one process per kind builds the model once and runs the variants interleaved, round by
+round (load drifts on a shared machine hit all alike); median over `--repeat` rounds after a
+warm-up round. Memory: a fresh process per (kind, variant), growth of peak RSS during its first
+step on CPU, of `torch.cuda.max_memory_allocated` on GPU. Prints a table and writes the
+"DP overhead" section of docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+KINDS = ["loda", "lora", "attention", "full"]
+VARIANTS = ["nondp", "dp", "dp_bmm", "dp_hooks"]
+LABELS = {"nondp": "non-DP", "dp": "DP torch.func", "dp_bmm": "DP torch.func, bmm attn",
+          "dp_hooks": "DP opacus hooks"}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Setup:
+    """The quickstart U-Net with one adapter kind, a fixed batch, and one step function per variant."""
+
+    def __init__(self, kind: str, batch: int, k: int, microbatch: int, threads: int):
+        import torch
+        from torch.func import functional_call
+
+        from dpldm.config import AdapterConfig, ModelConfig
+        from dpldm.models.adapters import attach_adapter, trainable_named_parameters
+        from dpldm.models.diffusion_loss import diffusion_loss
+        from dpldm.models.pipeline import build_scheduler, build_unet
+        from dpldm.privacy.dp_step import add_noise_and_normalize, clipped_grad_sum, noise_generator
+
+        self.torch = torch
+        self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(threads)    # a shared CPU: more threads than free cores is 10x slower
+        torch.manual_seed(0)
+        mc = ModelConfig()                    # the quickstart U-Net shape
+        unet = build_unet(mc, cross_attention_dim=384, latent_size=8).to(device)
+        attach_adapter(unet, AdapterConfig(kind=kind))
+        params = trainable_named_parameters(unet)
+        self.trainable = sum(p.numel() for p in params.values())
+        alphas = build_scheduler(mc).alphas_cumprod.to(device)
+        x0 = torch.randn(batch, 4, 8, 8, device=device)
+        cond = torch.randn(batch, 16, 384, device=device)
+        t = torch.randint(0, mc.num_train_timesteps, (batch, k), device=device)
+        noise = torch.randn(batch, k, 4, 8, 8, device=device)
+        chunks = [(x0[s:s + microbatch], cond[s:s + microbatch], t[s:s + microbatch], noise[s:s + microbatch])
+                  for s in range(0, batch, microbatch)]
+
+        def plain(module):
+            return lambda x_t, tt, c: module(x_t, tt, encoder_hidden_states=c, return_dict=False)[0]
+
+        def loss_fn(p, x, c, tt, n):          # ONE example, as the trainer's
+            call = lambda x_t, ts, cc: functional_call(unet, p, (x_t, ts), {"encoder_hidden_states": cc,
+                                                                             "return_dict": False})[0]
+            return diffusion_loss(call, alphas, x[None], c[None], tt[None], n[None])[0]
+
+        def noised(gsum):
+            return add_noise_and_normalize(gsum, 1.0, 1.0, float(batch), noise_generator(0, 0, device))
+
+        def nondp():
+            total = {n: torch.zeros_like(v) for n, v in params.items()}
+            for ch in chunks:
+                losses = diffusion_loss(plain(unet), alphas, *ch)
+                for n, g in zip(total, torch.autograd.grad(losses.sum(), list(params.values()))):
+                    total[n] += g
+            return total
+
+        def dp():
+            return noised(clipped_grad_sum(loss_fn, params, (x0, cond, t, noise), 1.0, microbatch)[0])
+
+        import copy
+
+        from opacus import GradSampleModule
+        # on a copy: backward hooks on a module break torch.func transforms over it, even when disabled
+        gsm = GradSampleModule(copy.deepcopy(unet), batch_first=True, loss_reduction="sum")
+        gsm_params = {n: p for n, p in gsm._module.named_parameters() if p.requires_grad}
+
+        def dp_hooks():                       # opacus hooks: per-row grads, rows of one example summed
+            total = {n: torch.zeros_like(v) for n, v in gsm_params.items()}
+            try:
+                for ch in chunks:
+                    for p in gsm_params.values():
+                        p.grad_sample = None
+                    diffusion_loss(plain(gsm), alphas, *ch).sum().backward()
+                    b = ch[0].shape[0]
+                    gs = {n: p.grad_sample.reshape(b, k, *p.shape).sum(1) for n, p in gsm_params.items()}
+                    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in gs.values()))
+                    factor = (1.0 / (norms + 1e-6)).clamp(max=1.0)
+                    for n, g in gs.items():
+                        total[n] += torch.einsum("b,b...->...", factor, g)
+            finally:
+                for p in gsm_params.values():
+                    p.grad, p.grad_sample = None, None
+            return noised(total)
+
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        def with_bmm_attention(fn):
+            def run():
+                unet.set_attn_processor(AttnProcessor())
+                try:
+                    return fn()
+                finally:
+                    unet.set_attn_processor(AttnProcessor2_0())
+            return run
+
+        self.steps = {"nondp": nondp, "dp": dp, "dp_bmm": with_bmm_attention(dp), "dp_hooks": dp_hooks}
+
+    def timed(self, variant: str) -> float:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self.torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.steps[variant]()
+        if cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def measure_time(kind: str, batch: int, k: int, microbatch: int, repeat: int, threads: int) -> dict:
+    """Median step time of every variant, interleaved round by round (so load drifts hit all alike)."""
+    setup = Setup(kind, batch, k, microbatch, threads)
+    times = {v: [] for v in VARIANTS}
+    for rnd in range(repeat + 1):
+        for v in VARIANTS:
+            t = setup.timed(v)
+            if rnd:                           # round 0 is the warm-up
+                times[v].append(t)
+    return {"trainable": setup.trainable, **{v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}}
+
+
+def measure_memory(kind: str, variant: str, batch: int, k: int, microbatch: int, threads: int) -> dict:
+    """Peak memory growth of one (first) step of `variant` in a fresh process."""
+    setup = Setup(kind, batch, k, microbatch, threads)
+    torch = setup.torch
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        setup.timed(variant)
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
+    before = _rss_bytes()
+    setup.timed(variant)
+    return {"peak_bytes": max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)}
+
+
+def run_child(what: list[str], args) -> dict:
+    cmd = [sys.executable, __file__, "--child", *what, "--batch", str(args.batch), "--k", str(args.k),
+           "--microbatch", str(args.microbatch), "--repeat", str(args.repeat), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"dp_overhead: {' '.join(what)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict, args) -> str:
+    head = ["adapter", "trainable params", "non-DP step"]
+    for v in VARIANTS[1:]:
+        head += [f"{LABELS[v]}", "×"]
+    head += ["non-DP peak mem"] + [f"{LABELS[v]} mem ×" for v in VARIANTS[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for kind in args.kinds:
+        r = results[kind]
+        row = [kind, f"{r['trainable']:,}", f"{r['nondp'] * 1e3:.0f} ms"]
+        for v in VARIANTS[1:]:
+            row += [f"{r[v] * 1e3:.0f} ms", f"{r[v] / r['nondp']:.2f}×"]
+        base = max(r["mem_nondp"], 1)
+        row += [f"{r['mem_nondp'] / 2**20:.0f} MiB"] + [f"{r['mem_' + v] / base:.2f}×" for v in VARIANTS[1:]]
+        lines.append("| " + " | ".join(row) + " |")
+    note = (f"Quickstart U-Net (channels [64, 128], cross-attention at level 2), 8×8×4 latents, batch "
+            f"{args.batch}, K={args.k}, micro-batch {args.microbatch}, {args.threads} CPU thread(s); median of "
+            f"{args.repeat} interleaved rounds after a warm-up round. {LABELS['dp']}: `clipped_grad_sum` "
+            f"(torch.func vmap(grad)) as the trainer runs it; {LABELS['dp_bmm']}: the same with diffusers' "
+            f"`AttnProcessor` (bmm) instead of SDPA; {LABELS['dp_hooks']}: opacus `GradSampleModule` hooks "
+            "(grad samples of an example's K rows summed, then clipped). All DP variants add the noise once. "
+            "Peak memory: growth of peak RSS (CPU) or of max_memory_allocated (GPU) during a first step, "
+            "in a fresh process, relative to non-DP. `benchmarks/dp_overhead.py` regenerates this table.")
+    return "\n".join(lines) + "\n\n" + note
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--k", type=int, default=1, help="noise multiplicity K")
+    p.add_argument("--microbatch", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (ignored on GPU)")
+    p.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
+    p.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    p.add_argument("--child", nargs=2, metavar=("KIND", "time|VARIANT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        kind, what = args.child
+        r = (measure_time(kind, args.batch, args.k, args.microbatch, args.repeat, args.threads) if what == "time"
+             else measure_memory(kind, what, args.batch, args.k, args.microbatch, args.threads))
+        print(json.dumps(r))
+        return
+    results = {}
+    for kind in args.kinds:
+        r = run_child([kind, "time"], args)
+        for v in VARIANTS:
+            r["mem_" + v] = run_child([kind, v], args)["peak_bytes"]
+        results[kind] = r
+        print(f"{kind:9s} " + "  ".join(f"{v} {r[v] * 1e3:.0f} ms / {r['mem_' + v] / 2**20:.0f} MiB" for v in VARIANTS),
+              flush=True)
+    text = table(results, args)
+    print("\n" + text)
+    if not args.no_doc:
+        from common import write_section
+        write_section("DP overhead", text)
+
+
+if __name__ == "__main__":
+    main()
