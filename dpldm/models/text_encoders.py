@@ -182,8 +182,16 @@ def load_open_clip(arch: str, checkpoint: str, max_length: int):
         raise DpldmError(f"config: model.text_encoder open_clip architecture {arch!r} is unknown "
                          f"(see open_clip.list_models())")
     model = open_clip.create_model(arch, pretrained=None)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if not checkpoint.endswith(
-        ".safetensors") else __import__("safetensors.torch").torch.load_file(checkpoint)
+    if checkpoint.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(checkpoint)
+    else:
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle/zip errors come in many types
+            raise DpldmError(f"{checkpoint}: not a torch state dict ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise DpldmError(f"{checkpoint}: expected a state dict, got {type(state).__name__}")
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
