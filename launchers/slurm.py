@@ -8,6 +8,7 @@ SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, and the script exports MASTER_ADDR (fir
 list) and MASTER_PORT (from the job id). The job is `--requeue`able and gets SIGUSR1 `--signal-lead`
 seconds before its time limit; the batch shell forwards it to the tasks, the trainer writes a checkpoint
 and exits 75 (EXIT_PREEMPTED), and the script requeues the job, which resumes from the run directory.
+`scancel` (SIGTERM) also checkpoints but is not requeued: resubmit the same command to resume.
 """
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ echo "dpldm: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB
 
 srun --kill-on-bad-exit=0 {command} &
 SRUN_PID=$!
-# SIGUSR1 (time limit near) or SIGTERM (scancel/preemption): pass it to every task; they checkpoint and exit {exit_preempted}
-trap 'echo "dpldm: got USR1, forwarding to tasks"; kill -USR1 $SRUN_PID' USR1
+# SIGUSR1 (time limit near): the tasks checkpoint and exit {exit_preempted}, and the job requeues itself.
+# SIGTERM (scancel; SLURM's own preemption): the tasks checkpoint and exit, and the job is not requeued.
+REQUEUE=0
+trap 'echo "dpldm: got USR1, forwarding to tasks"; REQUEUE=1; kill -USR1 $SRUN_PID' USR1
 trap 'echo "dpldm: got TERM, forwarding to tasks"; kill -TERM $SRUN_PID' TERM
 rc=0
 while :; do
@@ -52,7 +55,7 @@ while :; do
   kill -0 $SRUN_PID 2>/dev/null || break     # wait was interrupted by a trap: keep waiting
 done
 echo "dpldm: tasks exited with $rc"
-if [ "$rc" -eq {exit_preempted} ]; then
+if [ "$rc" -eq {exit_preempted} ] && [ "$REQUEUE" -eq 1 ]; then
   echo "dpldm: checkpoint written; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
