@@ -144,6 +144,7 @@ def test_export_loda_loads_with_plain_diffusers(tmp_path, base):
     assert (out / "unet" / "dpldm_adapter.json").is_file()
     pipe = diffusers.DiffusionPipeline.from_pretrained(out)
     torch.testing.assert_close(unet_out(pipe.unet), unet_out(adapted), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unet_out(P.load_pipeline(out).unet), unet_out(adapted), atol=1e-5, rtol=1e-5)
     images = pipe(["x"], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 16, 1) and np.isfinite(images).all()
 

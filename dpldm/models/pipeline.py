@@ -143,6 +143,16 @@ def _text_encoder_class(folder: Path):
     return transformers.AutoModel
 
 
+def _unet_class(unet_dir: Path):
+    """UNet2DConditionModel, or dpldm's AdaptedUNet2DConditionModel for exported LoDA U-Nets."""
+    cfg_file = unet_dir / "config.json"
+    name = json.loads(cfg_file.read_text()).get("_class_name") if cfg_file.is_file() else None
+    if name == "AdaptedUNet2DConditionModel":
+        from dpldm.models.export import AdaptedUNet2DConditionModel
+        return AdaptedUNet2DConditionModel
+    return UNet2DConditionModel
+
+
 def load_pipeline(folder: str | Path, device: str = "cpu") -> Components:
     """Load an SD-layout pipeline folder: VAE and text encoder frozen (bf16 on CUDA), U-Net fp32 frozen
     (adapters make their own parameters trainable), scheduler as a DDPMScheduler for training."""
@@ -159,7 +169,7 @@ def load_pipeline(folder: str | Path, device: str = "cpu") -> Components:
                          f"tokenizer/, scheduler/)")
     try:
         vae = load_vae(folder / "vae", device)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device).float()
+        unet = _unet_class(folder / "unet").from_pretrained(folder / "unet").to(device).float()
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         text_encoder = _text_encoder_class(folder).from_pretrained(folder / "text_encoder")
     except (OSError, ValueError) as e:
