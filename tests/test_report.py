@@ -87,14 +87,20 @@ def test_dpldm_evaluate_cli_writes_the_report(tmp_path, capsys):
         write_shards(x[:500], y[:500], runs[0] / "samples" / "shards")
         write_shards(torch.rand(300, 1, 28, 28), y[:300], runs[1] / "samples" / "shards")   # noise "samples"
         write_shards(xt[:300], yt[:300], tmp_path / "test")
+        write_shards(x[1000:1400], y[1000:1400], tmp_path / "private")
         rc = main(["evaluate", str(runs[0]), str(runs[1]), "--real-test", str(tmp_path / "test"),
-                   "--no-fid", "--epochs", "10", "--seeds", "1"])
+                   "--no-fid", "--epochs", "10", "--seeds", "1", "--baselines", "--real-train", str(tmp_path / "private")])
     finally:
         torch.set_num_threads(n)
     assert rc == 0
     rep = json.loads((runs[0] / "report" / "report.json").read_text())
     accs = {r["run"]: r["acc_mean"] for r in rep["rows"]}
     assert accs[str(runs[0])] > 0.5 > accs[str(runs[1])]     # real digits teach, noise does not
+    base = {r["method"]: r for r in rep["rows"] if not r["run"]}
+    assert base["No DP (real data)"]["private"] is False and base["No DP (real data)"]["acc_mean"] > 0.5
+    dpsgd = base["DP-SGD classifier (opacus)"]
+    assert dpsgd["epsilon"] == pytest.approx(2.0, rel=0.02) and dpsgd["sampling"] == "poisson"
+    assert dpsgd["sample_rate"] == pytest.approx(200 / 400) and 0 <= dpsgd["acc_mean"] <= 1   # 400 images: ~chance
     assert rep["not_private"] == [str(runs[1])] and rep["plot"] == "privacy_utility.png"
     assert "NOT PRIVATE" in (runs[0] / "report" / "report.md").read_text()
     assert "report.md" in capsys.readouterr().out

@@ -76,11 +76,12 @@ class ResNet9(nn.Module):
         return self.net(x * 2 - 1)
 
 
-def build_classifier(arch: str, channels: int, num_classes: int, resolution: int) -> nn.Module:
+def build_classifier(arch: str, channels: int, num_classes: int, resolution: int, width: int = 0) -> nn.Module:
+    """`width` 0 = the architecture's default (cnn 16, resnet9 32)."""
     if arch == "cnn":
-        return SmallCNN(channels, num_classes, resolution)
+        return SmallCNN(channels, num_classes, resolution, width or 16)
     if arch == "resnet9":
-        return ResNet9(channels, num_classes)
+        return ResNet9(channels, num_classes, width or 32)
     raise DpldmError(f"eval.classifier must be one of {', '.join(ARCHS)}; got {arch!r}")
 
 
