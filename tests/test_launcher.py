@@ -42,7 +42,8 @@ def test_gpu_job_has_one_task_per_gpu_requeue_and_signal(config, tmp_path):
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     assert " finetune " in srun and f"output.dir={run_dir}" in srun and "privacy.target_epsilon=2" in srun
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in text
-    assert f"-eq {slurm.EXIT_PREEMPTED} ]" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert f'"$rc" -eq {slurm.EXIT_PREEMPTED} ] && [ "$REQUEUE" -eq 1 ]' in text   # requeue only after USR1
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "REQUEUE=1; kill -USR1" in text
     script = tmp_path / "job.sh"
     script.write_text(text)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0   # valid bash

@@ -111,3 +111,27 @@ def test_cancelled_job_resubmitted_resumes_with_unchanged_ledger_history(slurm_c
     assert after["history"][:len(before["history"])] == before["history"]     # history before cancel kept
     assert all(h["step"] > before["steps"] for h in after["history"][len(before["history"]):])
     assert after["started"] == before["started"]
+
+
+def test_usr1_before_time_limit_checkpoints_requeues_and_completes(slurm_cluster, finetune_yaml, tmp_path):
+    """The `--signal=B:USR1@...` path: the batch shell forwards USR1, the trainer exits 75, the job requeues
+    itself (same job id) and the requeued run resumes to the end."""
+    run = tmp_path / "run"
+    job = _submit(slurm_cluster, finetune_yaml, f"output.dir={run}", "train.steps=10")
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "privacy.json").exists()
+                                          and json.loads((run / "privacy.json").read_text())["steps"] >= 2):
+        time.sleep(0.5)
+    slurm_cluster.scmd("scancel", "--signal=USR1", "--batch", job)      # what SLURM sends at the lead time
+    deadline = time.time() + 500
+    while time.time() < deadline:
+        out = slurm_cluster.scmd("scontrol", "show", "job", job, check=False).stdout
+        if "Restarts=1" in out and "JobState=PENDING" in out:
+            slurm_cluster.scmd("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+        if slurm_cluster.state(job) in ("COMPLETED", "FAILED", "CANCELLED") and "Restarts=1" in out:
+            break
+        time.sleep(1)
+    log = _log(run, job)
+    assert slurm_cluster.state(job) == "COMPLETED", log
+    assert "got USR1" in log and "requeueing job" in log and "resumed from" in log and "restart 1" in log
+    assert json.loads((run / "privacy.json").read_text())["steps"] == 10
