@@ -120,6 +120,8 @@ class Trainer:
         state = json.loads((path / "state.json").read_text())
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        if self.env.rank:  # rank 0's saved state; other ranks must keep drawing different numbers
+            torch.manual_seed(self.cfg.seed * 1_000_003 + self.env.rank * 7919 + self.step)
         self.load_extra_state(state["extra"])
 
     def _checkpoint_due(self) -> bool:
