@@ -133,6 +133,8 @@ def test_torchrun_env_wins_and_batch_script_is_single(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "0")           # inside the sbatch script, outside srun: no step id
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert denv.discover_env().world_size == 1
+    monkeypatch.setenv("SLURM_STEP_ID", str(0xFFFFFFFE))   # the batch step's reserved id
+    assert denv.discover_env().world_size == 1
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")

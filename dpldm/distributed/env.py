@@ -69,8 +69,10 @@ def discover_env() -> DistEnv:
     e = os.environ
     if "RANK" in e and "WORLD_SIZE" in e:
         return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)), "torchrun")
-    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and "SLURM_STEP_ID" in e:
-        # SLURM_STEP_ID distinguishes an srun task from the batch script itself (which has PROCID 0 too)
+    step = e.get("SLURM_STEP_ID", "")
+    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and step.isdigit() and int(step) < 0xFFFFFFF0:
+        # an srun task; the batch script itself has PROCID 0 too, but no step id or the batch step's
+        # reserved one (0xFFFFFFFx)
         rank, world = int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"])
         local = int(e.get("SLURM_LOCALID", 0))
         if world > 1:
