@@ -86,13 +86,14 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write <run>/checkpoints/step-N atomically (tmp dir + rename); rank 0 writes, all ranks sync."""
         path = self.ckpt_dir / f"step-{self.step:08d}"
+        engine_state = self.engine.state_dict()  # collective under DeepSpeed: every rank calls it
         if self.env.is_main:
             tmp = self.ckpt_dir / f".tmp-step-{self.step:08d}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.engine.params().items()},
                       str(tmp / "trainable.safetensors"))
-            torch.save(self.engine.state_dict(), tmp / "engine.pt")
+            torch.save(engine_state, tmp / "engine.pt")
             state = {"step": self.step, "samples_seen": self.samples_seen, "total_steps": self.total_steps,
                      "torch_rng": torch.get_rng_state().tolist(), "extra": self.extra_state(),
                      "time": time.time()}
@@ -131,6 +132,16 @@ class Trainer:
         return time.time() - self._last_ckpt_time > 300
 
     # --- the loop ---------------------------------------------------------------------------------
+    def _agree(self, stop: bool, due: bool) -> tuple[bool, bool]:
+        """All ranks act alike: stop/checkpoint if any rank wants to (signals and clocks differ per rank)."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return stop, due
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flags = torch.tensor([float(stop), float(due)], device=dev)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
@@ -163,12 +174,14 @@ class Trainer:
                 log(f"step {self.step}/{self.total_steps} | {rate:.1f} samples/s | loss {loss_txt}"
                     f"{self.progress_fields()}{peak} | ETA {_fmt_time(eta)}", self.env)
                 loss_sum, loss_n = 0.0, 0
-            if self._stop_signal is not None:
+            stop, due = self._agree(self._stop_signal is not None,
+                                    self.step < self.total_steps and self._checkpoint_due())
+            if stop:
                 self.save_checkpoint()
                 log(f"signal {self._stop_signal}: checkpoint written at step {self.step}; re-run the same "
                     f"command to resume", self.env)
                 sys.exit(EXIT_PREEMPTED)
-            if self.step < self.total_steps and self._checkpoint_due():
+            if due:
                 self.save_checkpoint()
         if self.latest_checkpoint() is None or self.latest_checkpoint().name != f"step-{self.step:08d}":
             self.save_checkpoint()
