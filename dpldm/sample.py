@@ -96,7 +96,8 @@ def generate(comps, prompts: list[str], indices: list[int], *, guidance: float, 
              seed: int, batch_size: int, resolution: int) -> torch.Tensor:
     """Images [len(indices), C, H, W] in [0, 1]; image i uses the generator seeded with (seed, i)."""
     from dpldm.models.pipeline import encode_prompts
-    comps.vae.to(comps.unet.dtype)  # frozen parts may be bf16 on CUDA; the pipeline decodes U-Net-dtype latents
+    if comps.vae.dtype != comps.unet.dtype:  # frozen parts are bf16 on CUDA; the pipeline decodes U-Net-dtype latents
+        comps.vae.to(comps.unet.dtype)
     pipe = make_pipeline(comps, scheduler)
     factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     if resolution % factor or resolution % 8:
