@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -143,7 +144,7 @@ class FinetuneTrainer(Trainer):
         expected = cfg.privacy.expected_batch_size
         if self.private:
             grads = add_noise_and_normalize(grad_sum, self.sigma, self.clip, expected,
-                                            noise_generator(cfg.seed, step))
+                                            noise_generator(cfg.seed, step, device=self.device))
         else:
             grads = {k: v / expected for k, v in grad_sum.items()}
         self.engine.set_grads(grads)
@@ -207,6 +208,8 @@ def new_ledger(cfg: Config, n: int, q: float, sigma: float) -> Ledger:
 
 
 def run_finetune(cfg: Config) -> Path:
+    # torch.func has no batching rule for CPU flash attention and says so every step; results are exact
+    warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product.*")
     from dpldm.models.adapters import attach_adapter, parameter_table, trainable_named_parameters
     from dpldm.models.pipeline import load_pipeline
 
