@@ -38,6 +38,7 @@ class Plan:
     test_n: int
     ae_steps: int
     unet_steps: int
+    pretrain_batch: int
     ft_steps: int
     expected_batch: int
     multiplicity: int
@@ -49,10 +50,11 @@ class Plan:
     epsilons: tuple = (10.0, 1.0)
 
 
-FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=600, unet_steps=1500, ft_steps=60, expected_batch=512,
-            multiplicity=2, synthetic_n=5000, sample_steps=15, clf_epochs=5, clf_seeds=2, dpsgd_epochs=10)
-FAST = Plan(public_n=2000, private_n=2000, test_n=1000, ae_steps=30, unet_steps=30, ft_steps=3,
-            expected_batch=128, multiplicity=2, synthetic_n=200, sample_steps=5, clf_epochs=1, clf_seeds=1,
+FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=1400, pretrain_batch=64, ft_steps=40,
+            expected_batch=256, multiplicity=2, synthetic_n=3000, sample_steps=10, clf_epochs=5, clf_seeds=2,
+            dpsgd_epochs=10)
+FAST = Plan(public_n=1000, private_n=1000, test_n=500, ae_steps=10, unet_steps=10, pretrain_batch=16, ft_steps=2,
+            expected_batch=64, multiplicity=2, synthetic_n=100, sample_steps=4, clf_epochs=1, clf_seeds=1,
             dpsgd_epochs=1)
 
 
@@ -87,7 +89,8 @@ def _pack_all(out: Path, plan: Plan) -> dict[str, Path]:
 def _pretrain(out: Path, data: dict, plan: Plan) -> Path:
     from dpldm.train.pretrain import run_pretrain
     public = out / "public"
-    base = [f"data.public={data['fashion']}", f"output.dir={public}", f"model.vae={public / 'vae'}"]
+    base = [f"data.public={data['fashion']}", f"output.dir={public}", f"model.vae={public / 'vae'}",
+            f"data.batch_size={plan.pretrain_batch}", f"train.log_every={max(1, min(50, plan.unet_steps // 10))}"]
     run_pretrain(load_config(CONFIGS / "pretrain_fashion.yaml", base + [f"train.steps={plan.ae_steps}"]), "autoencoder")
     run_pretrain(load_config(CONFIGS / "pretrain_fashion.yaml", base + [f"train.steps={plan.unet_steps}"]), "unet")
     return public / "pipeline"

@@ -1,0 +1,41 @@
+"""The embedded default end to end (`dpldm quickstart --fast`, the CI smoke version): every stage runs through
+the real CLI and the report holds the DP-LoDA runs and the DP-SGD baseline side by side at eps = 1 and 10."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quickstart_fast_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    dpldm = Path(sys.executable).parent / "dpldm"
+    proc = subprocess.run([str(dpldm), "quickstart", "--fast", "--out", str(out)], capture_output=True, text=True,
+                          timeout=1500, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report" / "report.json").read_text())
+    rows = report["rows"]
+    lodas = [r for r in rows if r["method"].startswith("dpldm DP-LoDA")]
+    dpsgd = [r for r in rows if r["method"].startswith("DP-SGD")]
+    assert sorted(round(r["epsilon"]) for r in lodas) == [1, 10]
+    assert sorted(round(r["epsilon"]) for r in dpsgd) == [1, 10]
+    for r in lodas + dpsgd:
+        assert r["private"] and r["sampling"] == "poisson" and r["delta"] == 1e-5
+        assert 0.0 <= r["acc_mean"] <= 1.0
+    for eps in (10, 1):
+        ledger = json.loads((out / f"dp-loda-eps{eps}" / "privacy.json").read_text())
+        assert ledger["private"] and ledger["epsilon"] <= eps * (1 + 1e-6) and ledger["steps"] > 0
+        assert (out / f"dp-loda-eps{eps}" / "samples" / "grid.png").exists()
+    nodp = [r for r in rows if r["method"].startswith("No DP")]
+    assert nodp and nodp[0]["private"] is False
+    assert (out / "report" / "privacy_utility.png").exists()
+    md = (out / "report" / "report.md").read_text()
+    assert "NOT PRIVATE" in md and "DP-LoDA (paper)" in md
+    # a second run reuses every stage (resume by re-running) and writes the same table
+    again = subprocess.run([str(dpldm), "quickstart", "--fast", "--out", str(out)], capture_output=True, text=True,
+                           timeout=1500, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already packed" in again.stdout
