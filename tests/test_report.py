@@ -41,6 +41,7 @@ def test_report_with_grids_plot_and_not_private_marker(tmp_path):
     assert data["privacy_scope"] == PRIVACY_SCOPE and "pretrain" in PRIVACY_SCOPE
     assert data["not_private"] == [str(nodp)]
     assert [r["private"] for r in data["runs"]] == [True, True, False]
+    assert data["rows"][2]["epsilon"] == "inf" and "Infinity" not in (out / "report.json").read_text()
     for run in ("eps1", "eps10", "nodp"):
         assert Image.open(out / "grids" / f"{run}.png").size == (64, 64)
     plot = Image.open(out / data["plot"])

@@ -80,9 +80,10 @@ def inception_features(model, images: torch.Tensor, batch_size: int = 32, device
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """‖μa−μb‖² + tr Σa + tr Σb − 2 tr (Σa Σb)^½ (unbiased covariances).
 
-    tr (Σa Σb)^½ is the nuclear norm of Aᵀ... computed exactly as the sum of singular values of
-    Ca Cbᵀ / √((na−1)(nb−1)) (C = centred features) when a set is smaller than the feature size,
-    so small sets need no matrix square root of a rank-deficient 2048×2048 matrix."""
+    When a set is smaller than the feature size, tr (Σa Σb)^½ is computed exactly as the sum of the
+    singular values of Ca Cbᵀ / √((na−1)(nb−1)) (C = centred features): the nonzero eigenvalues of
+    Σa Σb are the squared singular values of that small matrix, so no square root of a
+    rank-deficient 2048×2048 matrix is needed."""
     if len(feats_a) < 2 or len(feats_b) < 2:
         raise DpldmError(f"fid: need at least 2 images per set; got {len(feats_a)} and {len(feats_b)}")
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)

@@ -145,9 +145,20 @@ def write_report(out_dir: str | Path, rows: list[dict], runs: list[str | Path] =
         "selection_on_private_data": selection_note or SELECTION_DEFAULT,
         "set_sizes": set_sizes or {}, "not_private": sorted({str(r.get("run") or r.get("method")) for r in not_private}),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=True))
+    (out / "report.json").write_text(json.dumps(_strict_json(report), indent=2, default=str, allow_nan=False))
     (out / "report.md").write_text(_markdown(report))
     return report
+
+
+def _strict_json(obj):
+    """Infinite ε (no DP) as the string "inf": report.json stays standard JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else None)
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
 
 
 def _markdown(rep: dict) -> str:

@@ -193,7 +193,9 @@ def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out
                   bound_kind="Steinke-Nasr-Jagielski 2023, δ-adjusted (pure-ε value also given)")
     result["exceeds_claim"] = bool(result["private"] and result["epsilon_lower_bound"] > result["claimed_epsilon"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "audit.json").write_text(json.dumps(result, indent=2, default=str))
+    claimed = result["claimed_epsilon"]
+    (out / "audit.json").write_text(json.dumps(  # standard JSON: no Infinity
+        {**result, "claimed_epsilon": claimed if math.isfinite(claimed) else "inf"}, indent=2, default=str))
     (out / "audit.md").write_text(_markdown(result))
     log(f"audit: {result['correct']}/{result['guesses']} correct guesses → ε ≥ {result['epsilon_lower_bound']:.3f} "
         f"at {100 * (1 - beta):.0f}% confidence (claimed ε = {result['claimed_epsilon']})")
