@@ -178,7 +178,7 @@ def main(args) -> int:
             res = {"mean": sum(accs) / len(accs), "std": float(__import__("statistics").pstdev(accs)), "runs": accs,
                    "n_train": len(x_priv), "n_test": len(x_test)}
             rows.append(row_from_ledger("DP-SGD CNN on private data (opacus)", ledger, res,
-                                        notes="strong baseline: GroupNorm CNN, large Poisson batches, C=0.1"))
+                                        notes="strong baseline: tanh CNN (no BatchNorm), Poisson batches of 1000, C=0.1, tuned on public data"))
         nodp = evaluate_synthetic(x_priv, y_priv, x_test, y_test, arch="cnn", epochs=plan.clf_epochs,
                                   seeds=plan.clf_seeds)
         rows.append(row_from_ledger("No DP: CNN on real private data", {"private": False, "warnings": [

@@ -293,8 +293,10 @@ class ShardStream:
 
     def __iter__(self):
         if self.num_workers > 0:
+            # spawn, not fork: a forked worker of a process whose OpenMP pool is running can hang forever
             items = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                               pin_memory=torch.cuda.is_available())
+                               pin_memory=torch.cuda.is_available(), multiprocessing_context="spawn",
+                               persistent_workers=False)
         else:
             items = iter(self.dataset)
         for item in items:
