@@ -3,6 +3,18 @@ per session for tests marked `slurm`; it fails loudly (never skips) where root o
 from __future__ import annotations
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One torch thread per test process: on the 2-core dev/CI machine, tests that start worker
+    subprocesses (torchrun, SLURM jobs, DataLoader workers) would otherwise oversubscribe the cores, and
+    OpenMP spin-waiting under oversubscription makes small models ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -17,15 +17,6 @@ from dpldm.models.lora import lora_state_dict_for_diffusers, save_lora_for_diffu
 KINDS = ["loda", "lora", "attention", "full"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPU is shared: two threads per process oversubscribe it (a tiny forward takes 5 s, not 70 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(

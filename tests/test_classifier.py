@@ -9,14 +9,6 @@ from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
 from dpldm.eval.shards import load_mnist_pickle, load_shards, write_shards
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # 2 threads on a shared 2-core machine oversubscribe badly (7x slower)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
     root = tmp_path_factory.mktemp("mnist_shards")

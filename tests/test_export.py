@@ -13,15 +13,6 @@ from dpldm.models.export import export_run
 from dpldm.models.text_encoders import load_text_encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The dev/CI CPU is shared: two OpenMP threads per process oversubscribe it (~10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model_cfg() -> ModelConfig:
     return ModelConfig(channels=1, resolution=16, latent_channels=4, vae_block_channels=[8, 16],
                        unet_block_channels=[16, 32], unet_attention=[False, True], norm_groups=8,

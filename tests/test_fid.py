@@ -10,14 +10,6 @@ from dpldm.eval.fid import (default_inception_path, fid_against_reference, frech
 from dpldm.eval.shards import load_mnist_pickle, write_shards
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # 2 threads on a shared 2-core machine oversubscribe badly
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def inception():
     return load_inception()

@@ -21,15 +21,6 @@ TINY = ["model.channels=1", "model.resolution=16", "model.vae_block_channels=[8,
         "sample.steps=2", "model.ema_decay=0.9"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The dev/CI CPU is shared: two OpenMP threads per process oversubscribe it (~10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_ema_warmup_update_and_state():
     m = torch.nn.Linear(2, 2)
     ema = EMA(m, decay=0.99)

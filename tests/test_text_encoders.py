@@ -11,15 +11,6 @@ from dpldm.errors import DpldmError
 from dpldm.models.text_encoders import check_tokenizer, clip_tokenizer_from_open_clip, load_text_encoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The dev/CI CPU is shared: two OpenMP threads per process oversubscribe it (~10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_minilm_loads_frozen_with_sane_vocab():
     tok, enc = load_text_encoder("minilm", 12)
     assert len(tok) > 30000 and tok.model_max_length == 12
