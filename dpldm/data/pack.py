@@ -33,7 +33,7 @@ def _record_size(image) -> tuple[int, int]:
 
 def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int = 10000, limit: int = 0,
          fmt: str = "png", overwrite: bool = False, workers: int = 0, verbose: bool = True) -> dict:
-    """Pack SOURCE into OUT/shard-NNNNNN.tar (shards written in parallel by `workers` forked
+    """Pack SOURCE into OUT/shard-NNNNNN.tar (shards written in parallel by `workers` spawned
     processes; 0 = one per CPU, at most 8); returns the dataset.json contents."""
     if shard_size < 1:
         raise DpldmError(f"--shard-size must be a positive number of samples; got {shard_size}")
@@ -74,10 +74,12 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
     done = 0
     t0 = time.time()
     global _SOURCE
-    _SOURCE = src  # forked workers inherit it (no pickling of image arrays)
+    _SOURCE = src  # the serial path reads it; spawned workers open their own copy (_open_in_worker)
     try:
         if workers > 1 and len(tasks) > 1:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+            # spawn, not fork: forking a process that runs torch/OpenMP threads can deadlock the child
+            with multiprocessing.get_context("spawn").Pool(workers, initializer=_open_in_worker,
+                                                          initargs=(source, split)) as pool:
                 results = pool.imap_unordered(_write_shard, tasks)
                 for stats in results:
                     done = _merge(stats, (hist, sizes, captions), done, total, t0, verbose)
@@ -107,6 +109,11 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
 
 
 _SOURCE = None
+
+
+def _open_in_worker(source: str, split: str) -> None:
+    global _SOURCE
+    _SOURCE = open_source(source, split)
 
 
 def _write_shard(task) -> tuple[Counter, Counter, Counter]:
