@@ -50,7 +50,7 @@ class Plan:
     epsilons: tuple = (10.0, 1.0)
 
 
-FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=1400, pretrain_batch=64, ft_steps=40,
+FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pretrain_batch=64, ft_steps=40,
             expected_batch=256, multiplicity=2, synthetic_n=3000, sample_steps=10, clf_epochs=5, clf_seeds=2,
             dpsgd_epochs=10)
 FAST = Plan(public_n=1000, private_n=1000, test_n=500, ae_steps=10, unet_steps=10, pretrain_batch=16, ft_steps=2,
