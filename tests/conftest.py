@@ -2,8 +2,20 @@
 per session for tests marked `slurm`; it fails loudly (never skips) where root or netns are missing."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """Rank discovery exports RANK/WORLD_SIZE/MASTER_* into os.environ (as srun tasks need); a test that
+    exercises it must not leave them behind, or a later single-process run would wait for a rendezvous."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True, scope="session")
