@@ -52,7 +52,7 @@ class Plan:
 
 FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pretrain_batch=64, ft_steps=40,
             expected_batch=256, multiplicity=2, synthetic_n=3000, sample_steps=10, clf_epochs=5, clf_seeds=2,
-            dpsgd_epochs=10)
+            dpsgd_epochs=3)  # 3 epochs over 60k = 180 Poisson batches of 1000 (~18 epochs of a 10k subset)
 FAST = Plan(public_n=1000, private_n=1000, test_n=500, ae_steps=10, unet_steps=10, pretrain_batch=16, ft_steps=2,
             expected_batch=64, multiplicity=2, synthetic_n=100, sample_steps=4, clf_epochs=1, clf_seeds=1,
             dpsgd_epochs=1)
@@ -169,14 +169,11 @@ def main(args) -> int:
             name = "dpldm DP-LoDA" if run in runs else "pretrained only (no fine-tuning)"
             rows.append(row_from_ledger(name, read_ledger(run), res, run=str(run),
                                         notes=f"{len(xs)} synthetic images"))
-        for eps in plan.epsilons:
-            accs, ledger = [], None
-            for seed in range(plan.clf_seeds):
-                model, ledger = train_dpsgd_classifier(x_priv, y_priv, eps, 1e-5, epochs=plan.dpsgd_epochs,
-                                                       expected_batch_size=min(1000, len(x_priv) // 2), seed=seed)
-                accs.append(accuracy(model, x_test, y_test))
-            res = {"mean": sum(accs) / len(accs), "std": float(__import__("statistics").pstdev(accs)), "runs": accs,
-                   "n_train": len(x_priv), "n_test": len(x_test)}
+        for eps in plan.epsilons:  # one seed: each DP-SGD run takes minutes on 2 cores
+            model, ledger = train_dpsgd_classifier(x_priv, y_priv, eps, 1e-5, epochs=plan.dpsgd_epochs,
+                                                   expected_batch_size=min(1000, len(x_priv) // 2), seed=0)
+            acc = accuracy(model, x_test, y_test)
+            res = {"mean": acc, "std": 0.0, "runs": [acc], "n_train": len(x_priv), "n_test": len(x_test)}
             rows.append(row_from_ledger("DP-SGD CNN on private data (opacus)", ledger, res,
                                         notes="strong baseline: tanh CNN (no BatchNorm), Poisson batches of 1000, C=0.1, tuned on public data"))
         nodp = evaluate_synthetic(x_priv, y_priv, x_test, y_test, arch="cnn", epochs=plan.clf_epochs,
