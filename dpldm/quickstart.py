@@ -132,9 +132,8 @@ def _sampled(run: Path, n: int):
 
 
 def main(args) -> int:
-    from dpldm.eval.classifier import evaluate_synthetic
+    from dpldm.eval.classifier import accuracy, evaluate_synthetic
     from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
-    from dpldm.eval.classifier import accuracy
     from dpldm.eval.report import read_ledger, row_from_ledger, write_report
     from dpldm.eval.shards import load_shards
     from dpldm.train.finetune import run_finetune
