@@ -85,6 +85,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     noise_multiplier: Optional[float] = None   # set explicitly: overrides calibration
     max_grad_norm: float = 1.0
+    # per-group clipping: regexes on trainable parameter names, one group each (first match wins),
+    # the unmatched rest is the last group; each group is clipped to C/sqrt(G): the sensitivity stays C
+    clip_groups: list[str] = field(default_factory=list)
     noise_multiplicity: int = 4
     expected_batch_size: int = 256
     accountant: Literal["rdp", "prv", "pld", "dpa_rdp"] = "prv"

@@ -30,6 +30,15 @@ PAPER_ROWS = [  # MNIST, eps = 10, delta = 1e-5 (DP-LoDA paper, Table IV; DPDM p
 ]
 
 
+SELECTION_NOTE = (
+    "Not covered by ε: while dpldm was developed, the DP fine-tune's learning rate, clipping norm, clip groups, "
+    "adapter levels, label-index prompts and guidance scale were compared on a handful of MNIST fine-tunes, "
+    "scoring their samples with a pretrained MNIST classifier (ccexam, itself trained on MNIST). That is "
+    "hyper-parameter selection on the private distribution, a leak the (ε, δ) above does not account for; a "
+    "real release must tune on public data only. No checkpoint is selected, sizes are set by CPU time, and "
+    "the real MNIST test set is used once, for this table.")
+
+
 @dataclass
 class Plan:
     """Sizes of every stage; `full` fits ~20 minutes on 2 CPU cores, `fast` ~3 minutes (CI smoke)."""
@@ -50,8 +59,8 @@ class Plan:
     epsilons: tuple = (10.0, 1.0)
 
 
-FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pretrain_batch=64, ft_steps=40,
-            expected_batch=256, multiplicity=2, synthetic_n=3000, sample_steps=10, clf_epochs=5, clf_seeds=2,
+FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pretrain_batch=64, ft_steps=80,
+            expected_batch=512, multiplicity=1, synthetic_n=3000, sample_steps=10, clf_epochs=5, clf_seeds=2,
             dpsgd_epochs=3)  # 3 epochs over 60k = 180 Poisson batches of 1000 (~18 epochs of a 10k subset)
 FAST = Plan(public_n=1000, private_n=1000, test_n=500, ae_steps=10, unet_steps=10, pretrain_batch=16, ft_steps=2,
             expected_batch=64, multiplicity=2, synthetic_n=100, sample_steps=4, clf_epochs=1, clf_seeds=1,
@@ -114,8 +123,9 @@ def _pretrained_only_run(out: Path, cfg: Config) -> Path:
     cfg = apply_mapping(load_config(None), {"model": vars(cfg.model).copy(), "sample": vars(cfg.sample).copy(),
                                             "output.dir": str(run)})
     save_config(cfg, run / "config.yaml")
-    (run / "classes.json").write_text(json.dumps({"class_names": cfg.model.class_names,
-                                                  "prompt_template": cfg.model.prompt_template}))
+    if cfg.model.class_names:    # else `dpldm sample` uses the pipeline's own class prompts
+        (run / "classes.json").write_text(json.dumps({"class_names": cfg.model.class_names,
+                                                      "prompt_template": cfg.model.prompt_template}))
     Ledger(epsilon=0.0, delta=cfg.privacy.delta, target_epsilon=0.0, accountant="none", noise_multiplier=0.0,
            sample_rate=0.0, steps=0, max_grad_norm=0.0, noise_multiplicity=0, dataset_size=0,
            expected_batch_size=0, sampling="none", private=True,
@@ -175,15 +185,14 @@ def main(args) -> int:
             res = {"mean": acc, "std": 0.0, "runs": [acc], "n_train": len(x_priv), "n_test": len(x_test)}
             rows.append(row_from_ledger("DP-SGD CNN on private data (opacus)", ledger, res,
                                         notes="strong baseline: tanh CNN (no BatchNorm), Poisson batches of 1000, C=0.1, tuned on public data"))
-        nodp = evaluate_synthetic(x_priv, y_priv, x_test, y_test, arch="cnn", epochs=plan.clf_epochs,
-                                  seeds=plan.clf_seeds)
+        # 2 epochs, one seed: over the 60k real images that already reaches ~99%; more only costs minutes
+        nodp = evaluate_synthetic(x_priv, y_priv, x_test, y_test, arch="cnn", epochs=min(2, plan.clf_epochs),
+                                  seeds=1)
         rows.append(row_from_ledger("No DP: CNN on real private data", {"private": False, "warnings": [
             "NOT PRIVATE: trained directly on the private data"]}, nodp))
     timings["total"] = round(time.time() - t_start, 1)
     report = write_report(out / "report", rows, runs=runs + [base_run], paper_rows=PAPER_ROWS,
-                          selection_note=("No checkpoint or hyper-parameter was selected on private data: sizes "
-                                          "were set for CPU time and on public Fashion-MNIST only. Test accuracy on "
-                                          "real MNIST test is reported once."),
+                          selection_note=SELECTION_NOTE,
                           set_sizes={"private": len(x_priv), "test": len(x_test), "synthetic_per_run": plan.synthetic_n,
                                      "timings_s": timings, "mode": "fast" if args.fast else "full"},
                           title="dpldm quickstart: DP-LoDA on MNIST with Fashion-MNIST pretraining")

@@ -99,6 +99,34 @@ def test_clipping_bounds_each_example_and_none_means_unclipped():
         assert math.sqrt(sum((v ** 2).sum().item() for v in g.values())) == pytest.approx(tiny, rel=1e-4)
 
 
+def test_clip_groups_clip_each_group_to_c_over_sqrt_g_against_a_loop():
+    """Per-group clipping: each group of each example's gradient is clipped to C/√G separately
+    (naive per-example loop as reference), so the example's whole contribution stays <= C."""
+    _, loss_fn, params, batch = make_problem(batch=5, k=2)
+    groups = [["qkv.weight", "qkv.bias", "proj.weight", "proj.bias"],
+              [k for k in params if not k.startswith(("qkv", "proj"))]]
+    clip = 1e-3                                          # far below every group norm: all clipped
+    want = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(5):
+        one = tuple(t[i:i + 1] for t in batch)
+        g, _ = clipped_grad_sum(loss_fn, params, one, None, 1)
+        for members in groups:
+            norm = math.sqrt(sum((g[k].double() ** 2).sum().item() for k in members))
+            for k in members:
+                want[k] += g[k] * min(1.0, clip / math.sqrt(2) / (norm + 1e-6))
+        single, stats = clipped_grad_sum(loss_fn, params, one, clip, 1, clip_groups=groups)
+        total = math.sqrt(sum((v.double() ** 2).sum().item() for v in single.values()))
+        assert total == pytest.approx(clip, rel=1e-4) and stats["clipped"] == 1
+        flat, _ = clipped_grad_sum(loss_fn, params, one, clip, 1)
+        assert rel_err(single, flat) > 1e-3              # a different (still norm-C) direction
+    got, stats = clipped_grad_sum(loss_fn, params, batch, clip, 2, clip_groups=groups)
+    assert rel_err(got, want) < 1e-5 and stats["clipped"] == 5
+    with pytest.raises(DpldmError, match="partition"):
+        clipped_grad_sum(loss_fn, params, batch, clip, 2, clip_groups=groups[:1])
+    with pytest.raises(DpldmError, match="in clip groups 0 and 1"):
+        clipped_grad_sum(loss_fn, params, batch, clip, 2, clip_groups=[groups[0], groups[0] + groups[1]])
+
+
 def test_k_draws_are_averaged_before_clipping():
     """Clipping the mean of K draws (DPDM) differs from averaging K separately clipped draws."""
     _, loss_fn, params, batch = make_problem(batch=1, k=4)

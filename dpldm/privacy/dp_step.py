@@ -10,12 +10,16 @@ One logical step, on any number of ranks and micro-batches:
 `loss_fn(params, *example)` is the loss of ONE example (no batch dimension): for diffusion it is
 already the mean over the example's K noise-multiplicity draws, so clipping bounds the averaged
 gradient (DPDM). Each example's gradient over all trainable parameters together is clipped to
-norm <= C, summed; the sum does not depend on `microbatch_size`. Noise N(0, σ²C²) is added once
+norm <= C, summed; the sum does not depend on `microbatch_size`. With `clip_groups` (a partition of
+the parameter names into G groups) each group of an example's gradient is clipped to C/√G instead
+(per-layer clipping, McMahan et al. 2018): the example's whole clipped gradient still has norm <= C,
+so the sensitivity, the noise and the accounting are unchanged. Groups keep a small group (e.g. the
+cross-attention that reads the condition) from being drowned by the clipping of a large one. Noise N(0, σ²C²) is added once
 to the global sum, and the result is divided by the *expected* batch size q·N, not the drawn one.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,10 +34,32 @@ def _accumulation_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def clip_group_index(names: list[str], clip_groups: Sequence[Sequence[str]] | None) -> list[int]:
+    """Group number of each parameter name; one group (all zeros) when clip_groups is None.
+    `clip_groups` must partition `names` exactly (every name in one group, no group empty)."""
+    if clip_groups is None:
+        return [0] * len(names)
+    owner = {}
+    for g, members in enumerate(clip_groups):
+        if not members:
+            raise DpldmError(f"dp step: clip group {g} is empty")
+        for name in members:
+            if name in owner:
+                raise DpldmError(f"dp step: parameter {name!r} is in clip groups {owner[name]} and {g}")
+            owner[name] = g
+    missing, extra = [n for n in names if n not in owner], [n for n in owner if n not in names]
+    if missing or extra:
+        raise DpldmError(f"dp step: clip_groups must partition the trainable parameters exactly; "
+                         f"missing {missing[:3]}, unknown {extra[:3]}")
+    return [owner[n] for n in names]
+
+
 def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor],
                      batch: tuple[Tensor, ...], max_grad_norm: float | None,
-                     microbatch_size: int) -> tuple[dict[str, Tensor], dict]:
-    """Sum over the batch of per-example gradients, each clipped to norm <= max_grad_norm.
+                     microbatch_size: int,
+                     clip_groups: Sequence[Sequence[str]] | None = None) -> tuple[dict[str, Tensor], dict]:
+    """Sum over the batch of per-example gradients, each clipped to norm <= max_grad_norm
+    (or, with clip_groups, each of its G groups clipped to max_grad_norm/√G).
 
     Returns (grad_sum keyed like `params`, stats {"n", "loss_sum", "grad_norm_sum", "clipped"}),
     where grad_norm_sum sums the unclipped per-example norms and clipped counts norms > C.
@@ -49,6 +75,9 @@ def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor
         raise DpldmError(f"dp step: batch tensors disagree on the batch size: {[t.shape[0] for t in batch]}")
 
     frozen = {k: v.detach() for k, v in params.items()}
+    group_of = dict(zip(frozen, clip_group_index(list(frozen), clip_groups)))
+    n_groups = max(group_of.values(), default=0) + 1
+    group_clip = None if max_grad_norm is None else max_grad_norm / np.sqrt(n_groups)
     grad_sum = {k: torch.zeros_like(v, dtype=_accumulation_dtype(v)) for k, v in frozen.items()}
     any_param = next(iter(frozen.values()), None)
     device = any_param.device if any_param is not None else torch.device("cpu")
@@ -60,15 +89,20 @@ def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor
     for start in range(0, n, int(microbatch_size)):
         chunk = tuple(t[start:start + int(microbatch_size)] for t in batch)
         grads, losses = per_example(frozen, *chunk)
-        sq = sum(g.reshape(g.shape[0], -1).to(torch.float32).pow(2).sum(1) for g in grads.values())
-        norms = torch.as_tensor(sq, dtype=torch.float32, device=device).sqrt()
-        if max_grad_norm is None:
-            factor = torch.ones_like(norms)
-        else:
-            factor = (max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
-            clipped += (norms > max_grad_norm).sum()
+        b = len(chunk[0])
+        sq = torch.zeros(n_groups, b, dtype=torch.float32, device=device)
         for k, g in grads.items():
-            grad_sum[k].add_(torch.einsum("b,b...->...", factor.to(grad_sum[k].dtype), g.to(grad_sum[k].dtype)))
+            sq[group_of[k]] += g.reshape(b, -1).to(torch.float32).pow(2).sum(1)
+        group_norms = sq.sqrt()                                        # [G, b]
+        norms = sq.sum(0).sqrt()
+        if group_clip is None:
+            factor = torch.ones_like(group_norms)
+        else:
+            factor = (group_clip / (group_norms + _CLIP_EPS)).clamp(max=1.0)
+            clipped += (group_norms > group_clip).any(0).sum()
+        for k, g in grads.items():
+            f = factor[group_of[k]].to(grad_sum[k].dtype)
+            grad_sum[k].add_(torch.einsum("b,b...->...", f, g.to(grad_sum[k].dtype)))
         loss_sum += losses.detach().to(torch.float64).sum()
         norm_sum += norms.to(torch.float64).sum()
     stats = {"n": int(n), "loss_sum": float(loss_sum), "grad_norm_sum": float(norm_sum),

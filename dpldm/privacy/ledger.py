@@ -55,6 +55,7 @@ class Ledger:
     noise_multiplicity: int               # K (timestep, noise) draws averaged per example before clipping
     dataset_size: int                     # N private examples
     expected_batch_size: float            # q·N: the divisor of the noised gradient sum
+    clip_groups: list[str] = field(default_factory=list)  # per-group clipping (each C/√G); [] = flat
     epsilon: float = 0.0                  # spent so far (after `steps` logical steps)
     steps: int = 0                        # logical steps taken
     sampling: str = "poisson"

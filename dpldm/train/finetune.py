@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -93,6 +94,7 @@ class FinetuneTrainer(Trainer):
         self.private = cfg.privacy.enabled
         self.clip = cfg.privacy.max_grad_norm if cfg.privacy.enabled else None
         self.sigma = ledger.noise_multiplier
+        self.clip_groups = clip_groups(cfg.privacy.clip_groups, list(trainable)) if self.private else None
         self._eps_cache: tuple[int, float] | None = None
 
     def _loss_fn(self, params, x0, cond, t, noise):
@@ -134,7 +136,7 @@ class FinetuneTrainer(Trainer):
         tensors = (batch["latents"].to(self.device), cond, t.to(self.device), noise.to(self.device))
         if self.private:
             grad_sum, stats = clipped_grad_sum(self._loss_fn, self.engine.params(), tensors, self.clip,
-                                               cfg.train.microbatch_size)
+                                               cfg.train.microbatch_size, self.clip_groups)
         else:
             grad_sum, stats = self._plain_grad_sum(tensors)
         counts = {"n": torch.tensor([float(stats["n"]), stats["loss_sum"]])}
@@ -177,6 +179,21 @@ class FinetuneTrainer(Trainer):
             save_adapter(self.module, self.cfg.adapter, self.run_dir / "adapter")
 
 
+def clip_groups(patterns: list[str], names: list[str]) -> list[list[str]] | None:
+    """privacy.clip_groups → a partition of the trainable names: one group per pattern (first match
+    wins) plus the unmatched rest; None (flat clipping) when no pattern is given."""
+    if not patterns:
+        return None
+    groups: list[list[str]] = [[] for _ in patterns] + [[]]
+    for name in names:
+        hit = next((i for i, p in enumerate(patterns) if re.search(p, name)), len(patterns))
+        groups[hit].append(name)
+    for pattern, members in zip(patterns, groups):
+        if not members:
+            raise DpldmError(f"privacy.clip_groups: {pattern!r} matches no trainable parameter")
+    return [g for g in groups if g]
+
+
 def plan(cfg: Config, n: int) -> tuple[float, int, float]:
     """Sample rate q, number of logical steps T and noise multiplier σ for this config and N."""
     p = cfg.privacy
@@ -203,7 +220,7 @@ def new_ledger(cfg: Config, n: int, q: float, sigma: float) -> Ledger:
         warnings.append("NOT PRIVATE: noise multiplier is 0 (clipping only): epsilon is infinite")
     return Ledger(epsilon=0.0, delta=p.delta, target_epsilon=p.target_epsilon, accountant=p.accountant,
                   noise_multiplier=sigma, sample_rate=q, steps=0, max_grad_norm=p.max_grad_norm,
-                  noise_multiplicity=p.noise_multiplicity, dataset_size=n, expected_batch_size=p.expected_batch_size,
+                  noise_multiplicity=p.noise_multiplicity, clip_groups=list(p.clip_groups), dataset_size=n, expected_batch_size=p.expected_batch_size,
                   sampling="poisson", private=bool(p.enabled and sigma > 0), warnings=warnings, history=[])
 
 
@@ -237,13 +254,14 @@ def run_finetune(cfg: Config) -> Path:
     if Ledger.exists(run_dir):
         ledger = Ledger.load(run_dir)
         ledger.check_same_mechanism(**{k: getattr(fresh, k) for k in (
-            "sample_rate", "noise_multiplier", "max_grad_norm", "noise_multiplicity", "dataset_size",
+            "sample_rate", "noise_multiplier", "max_grad_norm", "clip_groups", "noise_multiplicity", "dataset_size",
             "expected_batch_size", "accountant", "delta", "private")})
     if ledger.private:
         ledger.check_budget(steps)
     for w in dict.fromkeys(ledger.warnings):
         log(f"!!! {w}", env)
     log(f"finetune: N={n} q={q:.5g} steps={steps} sigma={sigma:.4g} C={cfg.privacy.max_grad_norm} "
+        f"{' groups=' + str(cfg.privacy.clip_groups) if cfg.privacy.clip_groups else ''} "
         f"K={cfg.privacy.noise_multiplicity} accountant={cfg.privacy.accountant} "
         f"target eps={cfg.privacy.target_epsilon} delta={cfg.privacy.delta} ranks={env.world_size}", env)
     sampler = PoissonSampler(n, q, cfg.seed)
