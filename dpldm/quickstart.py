@@ -52,6 +52,7 @@ class Plan:
     expected_batch: int
     multiplicity: int
     synthetic_n: int
+    baseline_n: int          # samples from the pretrained model without fine-tuning (a chance-level baseline)
     sample_steps: int
     clf_epochs: int
     clf_seeds: int
@@ -60,10 +61,12 @@ class Plan:
 
 
 FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pretrain_batch=64, ft_steps=80,
-            expected_batch=512, multiplicity=1, synthetic_n=3000, sample_steps=10, clf_epochs=5, clf_seeds=2,
+            expected_batch=512, multiplicity=1, synthetic_n=2000, baseline_n=1000, sample_steps=8, clf_epochs=5,
+            clf_seeds=2,
             dpsgd_epochs=3)  # 3 epochs over 60k = 180 Poisson batches of 1000 (~18 epochs of a 10k subset)
 FAST = Plan(public_n=1000, private_n=1000, test_n=500, ae_steps=10, unet_steps=10, pretrain_batch=16, ft_steps=2,
-            expected_batch=64, multiplicity=2, synthetic_n=100, sample_steps=4, clf_epochs=1, clf_seeds=1,
+            expected_batch=64, multiplicity=2, synthetic_n=100, baseline_n=100, sample_steps=4, clf_epochs=1,
+            clf_seeds=1,
             dpsgd_epochs=1)
 
 
@@ -141,6 +144,26 @@ def _sampled(run: Path, n: int):
     return run / "samples" / "shards"
 
 
+def discussion(rows: list[dict]) -> str:
+    """The report's reading of its own table: DP-LoDA against DP-SGD at each ε, and why papers differ."""
+    lines = []
+    for eps in sorted({round(r["epsilon"]) for r in rows if r["method"].startswith("dpldm DP-LoDA")}, reverse=True):
+        loda = next(r for r in rows if r["method"].startswith("dpldm DP-LoDA") and round(r["epsilon"]) == eps)
+        sgd = next((r for r in rows if r["method"].startswith("DP-SGD") and round(r["epsilon"]) == eps), None)
+        if sgd is None or loda.get("acc_mean") is None or sgd.get("acc_mean") is None:
+            continue
+        verdict = "beats" if loda["acc_mean"] > sgd["acc_mean"] else "does NOT beat"
+        lines.append(f"- ε = {eps}: the classifier trained on DP-LoDA synthetic data ({100 * loda['acc_mean']:.1f}%) "
+                     f"{verdict} the DP-SGD classifier trained on the private data ({100 * sgd['acc_mean']:.1f}%).")
+    lines.append(
+        "- Gap to the papers (DP-LoDA 95.0% at ε = 10): this run affords a few dozen DP steps of a 1.2M-parameter "
+        "U-Net on 2 CPU cores (the papers: tens of epochs on GPUs), pretraining on Fashion-MNIST, which shares no "
+        "shapes with digits (the papers: EMNIST/SVHN), noise multiplicity 1 and fewer synthetic images than private "
+        "ones (the papers: K up to 32 and 60k samples). configs/mnist.yaml is the same pipeline at paper scale. "
+        "docs/results.md has the measurements behind these settings.")
+    return "\n".join(lines)
+
+
 def main(args) -> int:
     from dpldm.eval.classifier import accuracy, evaluate_synthetic
     from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
@@ -166,7 +189,7 @@ def main(args) -> int:
             _sampled(runs[-1], plan.synthetic_n)
     base_run = _pretrained_only_run(out, cfg)
     with Stage("sample from the pretrained model without fine-tuning", timings):
-        _sampled(base_run, plan.synthetic_n)
+        _sampled(base_run, plan.baseline_n)
 
     rows = []
     with Stage("downstream CNN: synthetic → real MNIST test; baselines", timings):
@@ -195,7 +218,8 @@ def main(args) -> int:
                           selection_note=SELECTION_NOTE,
                           set_sizes={"private": len(x_priv), "test": len(x_test), "synthetic_per_run": plan.synthetic_n,
                                      "timings_s": timings, "mode": "fast" if args.fast else "full"},
-                          title="dpldm quickstart: DP-LoDA on MNIST with Fashion-MNIST pretraining")
+                          title="dpldm quickstart: DP-LoDA on MNIST with Fashion-MNIST pretraining",
+                          discussion=discussion(rows))
     print(f"\nquickstart done in {timings['total']:.0f}s: report at {out / 'report' / 'report.md'}")
     for r in rows:
         acc = r.get("acc_mean")

@@ -98,6 +98,24 @@ def test_resume_with_changed_privacy_settings_is_refused(tmp_path, assets):
         ft.run_finetune(finetune_config(tmp_path, pipe, shards, **{"train.steps": 2, "privacy.noise_multiplier": 1.0}))
 
 
+def test_clip_groups_recorded_checked_and_label_index_prompts(tmp_path, assets):
+    """privacy.clip_groups reaches the ledger, a pattern that selects nothing is a one-line error, a resume
+    with other groups is refused; with no class_names the run keeps the pipeline's own class prompts."""
+    pipe, shards = assets
+    groups = {"privacy.clip_groups": ["attn2"], "train.steps": 1, "model.class_names": []}
+    run = ft.run_finetune(finetune_config(tmp_path, pipe, shards, **groups))
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert ledger["clip_groups"] == ["attn2"] and ledger["private"]
+    pipeline_meta = json.loads((pipe / "dpldm.json").read_text())
+    assert json.loads((run / "classes.json").read_text())["class_names"] == pipeline_meta["class_names"]
+    with pytest.raises(DpldmError, match="clip_groups"):
+        ft.run_finetune(finetune_config(tmp_path, pipe, shards, **{**groups, "train.steps": 2,
+                                                                   "privacy.clip_groups": ["attn1"]}))
+    with pytest.raises(DpldmError, match=r"privacy.clip_groups: 'no_such_layer' matches no trainable"):
+        ft.run_finetune(finetune_config(tmp_path, pipe, shards, "other", **{
+            **groups, "privacy.clip_groups": ["no_such_layer"]}))
+
+
 def test_sigma_zero_is_marked_not_private(tmp_path, assets, capsys):
     pipe, shards = assets
     ft.run_finetune(finetune_config(tmp_path, pipe, shards, **{"train.steps": 1, "privacy.noise_multiplier": 0.0}))

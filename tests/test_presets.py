@@ -33,4 +33,5 @@ def test_base_chain_overrides_fields():
     cfg = load_config(CONFIGS / "mnist.yaml")
     assert cfg.privacy.expected_batch_size == 2048           # from mnist.yaml
     assert cfg.adapter.kind == "loda"                        # inherited from quickstart.yaml
-    assert cfg.model.prompt_template == "a handwritten digit {name}"
+    assert cfg.privacy.clip_groups == ["attn2"]             # inherited: per-group clipping
+    assert cfg.model.class_names == []                       # inherited: label-index prompts

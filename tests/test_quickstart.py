@@ -34,6 +34,7 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert (out / "report" / "privacy_utility.png").exists()
     md = (out / "report" / "report.md").read_text()
     assert "NOT PRIVATE" in md and "DP-LoDA (paper)" in md
+    assert md.count("the classifier trained on DP-LoDA synthetic data") == 2   # verdict at eps = 10 and 1
     # a second run reuses every stage (resume by re-running) and writes the same table
     again = subprocess.run([str(dpldm), "quickstart", "--fast", "--out", str(out)], capture_output=True, text=True,
                            timeout=1500, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -62,6 +62,20 @@ def test_single_row_report_has_no_plot_and_default_selection_note(tmp_path):
     assert "NOT PRIVATE" not in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_quickstart_discussion_compares_against_dp_sgd_at_each_epsilon(tmp_path):
+    from dpldm.quickstart import discussion
+    rows = [{"method": "dpldm DP-LoDA", "epsilon": 9.99, "acc_mean": 0.97},
+            {"method": "dpldm DP-LoDA", "epsilon": 0.999, "acc_mean": 0.40},
+            {"method": "DP-SGD CNN on private data (opacus)", "epsilon": 10.0, "acc_mean": 0.96},
+            {"method": "DP-SGD CNN on private data (opacus)", "epsilon": 1.0, "acc_mean": 0.94}]
+    text = discussion(rows)
+    assert "ε = 10: the classifier trained on DP-LoDA synthetic data (97.0%) beats" in text
+    assert "ε = 1: the classifier trained on DP-LoDA synthetic data (40.0%) does NOT beat" in text
+    write_report(tmp_path / "r", [dict(r, private=True) for r in rows], discussion=text)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.index("## Reading the results") < md.index("## What ε covers") and "does NOT beat" in md
+
+
 def test_missing_or_broken_ledger_is_a_clear_error(tmp_path):
     with pytest.raises(DpldmError, match="privacy.json not found"):
         read_ledger(tmp_path)

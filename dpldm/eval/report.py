@@ -122,8 +122,9 @@ def plot_privacy_utility(rows: list[dict], path: Path) -> bool:
 
 def write_report(out_dir: str | Path, rows: list[dict], runs: list[str | Path] = (),
                  paper_rows: list[dict] | None = None, selection_note: str = "",
-                 set_sizes: dict | None = None, title: str = "dpldm evaluation") -> dict:
-    """Write out_dir/report.json and report.md (+ grids/, privacy_utility.png). Returns the JSON dict."""
+                 set_sizes: dict | None = None, title: str = "dpldm evaluation", discussion: str = "") -> dict:
+    """Write out_dir/report.json and report.md (+ grids/, privacy_utility.png). Returns the JSON dict.
+    `discussion` (markdown) is printed under "Reading the results", after the table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:
@@ -143,7 +144,7 @@ def write_report(out_dir: str | Path, rows: list[dict], runs: list[str | Path] =
         "title": title, "rows": rows, "paper_rows": paper_rows, "runs": run_info, "plot": plot,
         "privacy_scope": PRIVACY_SCOPE,
         "selection_on_private_data": selection_note or SELECTION_DEFAULT,
-        "set_sizes": set_sizes or {}, "not_private": sorted({str(r.get("run") or r.get("method")) for r in not_private}),
+        "set_sizes": set_sizes or {}, "discussion": discussion, "not_private": sorted({str(r.get("run") or r.get("method")) for r in not_private}),
     }
     (out / "report.json").write_text(json.dumps(_strict_json(report), indent=2, default=str, allow_nan=False))
     (out / "report.md").write_text(_markdown(report))
@@ -178,6 +179,8 @@ def _markdown(rep: dict) -> str:
     if rep["set_sizes"]:
         lines += ["", "Set sizes: " + ", ".join(f"{k} = {v}" for k, v in rep["set_sizes"].items())
                   + ". FID on fewer than 10k images is biased upward: compare only at equal sizes."]
+    if rep.get("discussion"):
+        lines += ["", "## Reading the results", "", rep["discussion"]]
     if rep["plot"]:
         lines += ["", "## Privacy–utility", "", f"![accuracy vs epsilon]({rep['plot']})"]
     lines += ["", "## Runs", ""]
