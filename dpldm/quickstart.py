@@ -62,12 +62,10 @@ class Plan:
 
 FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pretrain_batch=64, ft_steps=80,
             expected_batch=512, multiplicity=1, synthetic_n=2000, baseline_n=1000, sample_steps=8, clf_epochs=5,
-            clf_seeds=2,
-            dpsgd_epochs=3)  # 3 epochs over 60k = 180 Poisson batches of 1000 (~18 epochs of a 10k subset)
+            clf_seeds=2, dpsgd_epochs=3)  # 3 epochs over 60k = 180 Poisson batches of 1000 (~18 epochs of a 10k subset)
 FAST = Plan(public_n=1000, private_n=1000, test_n=500, ae_steps=10, unet_steps=10, pretrain_batch=16, ft_steps=2,
             expected_batch=64, multiplicity=2, synthetic_n=100, baseline_n=100, sample_steps=4, clf_epochs=1,
-            clf_seeds=1,
-            dpsgd_epochs=1)
+            clf_seeds=1, dpsgd_epochs=1)
 
 
 class Stage:
@@ -158,8 +156,8 @@ def discussion(rows: list[dict]) -> str:
     lines.append(
         "- Gap to the papers (DP-LoDA 95.0% at ε = 10): this run affords a few dozen DP steps of a 1.2M-parameter "
         "U-Net on 2 CPU cores (the papers: tens of epochs on GPUs), pretraining on Fashion-MNIST, which shares no "
-        "shapes with digits (the papers: EMNIST/SVHN), noise multiplicity 1 and fewer synthetic images than private "
-        "ones (the papers: K up to 32 and 60k samples). configs/mnist.yaml is the same pipeline at paper scale. "
+        "shapes with digits (the papers: EMNIST/SVHN), little noise multiplicity and fewer synthetic images than "
+        "private ones (the papers: K up to 32 and 60k samples). configs/mnist.yaml is the same pipeline at paper scale. "
         "docs/results.md has the measurements behind these settings.")
     return "\n".join(lines)
 

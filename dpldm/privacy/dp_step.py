@@ -14,8 +14,9 @@ norm <= C, summed; the sum does not depend on `microbatch_size`. With `clip_grou
 the parameter names into G groups) each group of an example's gradient is clipped to C/√G instead
 (per-layer clipping, McMahan et al. 2018): the example's whole clipped gradient still has norm <= C,
 so the sensitivity, the noise and the accounting are unchanged. Groups keep a small group (e.g. the
-cross-attention that reads the condition) from being drowned by the clipping of a large one. Noise N(0, σ²C²) is added once
-to the global sum, and the result is divided by the *expected* batch size q·N, not the drawn one.
+cross-attention that reads the condition) from being drowned by the clipping of a large one.
+Noise N(0, σ²C²) is added once to the global sum, and the result is divided by the *expected* batch
+size q·N, not the drawn one.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor
     (or, with clip_groups, each of its G groups clipped to max_grad_norm/√G).
 
     Returns (grad_sum keyed like `params`, stats {"n", "loss_sum", "grad_norm_sum", "clipped"}),
-    where grad_norm_sum sums the unclipped per-example norms and clipped counts norms > C.
+    where grad_norm_sum sums the unclipped per-example norms and clipped counts the examples whose
+    gradient (or any of its groups) was scaled down.
     """
     if isinstance(microbatch_size, bool) or int(microbatch_size) != microbatch_size or microbatch_size < 1:
         raise DpldmError(f"dp step: microbatch_size must be an integer >= 1; got {microbatch_size!r}")
