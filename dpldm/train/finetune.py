@@ -220,7 +220,8 @@ def new_ledger(cfg: Config, n: int, q: float, sigma: float) -> Ledger:
         warnings.append("NOT PRIVATE: noise multiplier is 0 (clipping only): epsilon is infinite")
     return Ledger(epsilon=0.0, delta=p.delta, target_epsilon=p.target_epsilon, accountant=p.accountant,
                   noise_multiplier=sigma, sample_rate=q, steps=0, max_grad_norm=p.max_grad_norm,
-                  noise_multiplicity=p.noise_multiplicity, clip_groups=list(p.clip_groups), dataset_size=n, expected_batch_size=p.expected_batch_size,
+                  noise_multiplicity=p.noise_multiplicity, clip_groups=list(p.clip_groups), dataset_size=n,
+                  expected_batch_size=p.expected_batch_size,
                   sampling="poisson", private=bool(p.enabled and sigma > 0), warnings=warnings, history=[])
 
 
@@ -254,14 +255,14 @@ def run_finetune(cfg: Config) -> Path:
     if Ledger.exists(run_dir):
         ledger = Ledger.load(run_dir)
         ledger.check_same_mechanism(**{k: getattr(fresh, k) for k in (
-            "sample_rate", "noise_multiplier", "max_grad_norm", "clip_groups", "noise_multiplicity", "dataset_size",
-            "expected_batch_size", "accountant", "delta", "private")})
+            "sample_rate", "noise_multiplier", "max_grad_norm", "clip_groups", "noise_multiplicity",
+            "dataset_size", "expected_batch_size", "accountant", "delta", "private")})
     if ledger.private:
         ledger.check_budget(steps)
     for w in dict.fromkeys(ledger.warnings):
         log(f"!!! {w}", env)
-    log(f"finetune: N={n} q={q:.5g} steps={steps} sigma={sigma:.4g} C={cfg.privacy.max_grad_norm} "
-        f"{' groups=' + str(cfg.privacy.clip_groups) if cfg.privacy.clip_groups else ''} "
+    groups = f" groups={cfg.privacy.clip_groups}" if cfg.privacy.clip_groups else ""
+    log(f"finetune: N={n} q={q:.5g} steps={steps} sigma={sigma:.4g} C={cfg.privacy.max_grad_norm}{groups} "
         f"K={cfg.privacy.noise_multiplicity} accountant={cfg.privacy.accountant} "
         f"target eps={cfg.privacy.target_epsilon} delta={cfg.privacy.delta} ranks={env.world_size}", env)
     sampler = PoissonSampler(n, q, cfg.seed)
