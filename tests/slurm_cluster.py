@@ -166,7 +166,9 @@ class SlurmCluster:
         lines = [
             "ClusterName=dpldmtest", f"SlurmctldHost={self.ctl_host}({self.ctl_ip})",
             "SlurmUser=root", "SlurmdUser=root", "SlurmctldPort=6827", "SlurmdPort=6828",
-            "AuthType=auth/munge", "CredType=cred/munge", f"StateSaveLocation={r}/ctld",
+            # cred_expire: a requeued job may start again only after its old credential expires (default
+            # 120 s); forcing an earlier start makes slurmd refuse the launch as revoked and the job FAILs.
+            "AuthType=auth/munge", "AuthInfo=cred_expire=10", "CredType=cred/munge", f"StateSaveLocation={r}/ctld",
             f"SlurmdSpoolDir={r}/spool-%n", f"SlurmctldPidFile={r}/slurmctld.pid",
             f"SlurmdPidFile={r}/slurmd-%n.pid", f"SlurmctldLogFile={r}/slurmctld.log",
             f"SlurmdLogFile={r}/slurmd-%n.log", "SlurmctldDebug=info", "SlurmdDebug=info",
@@ -237,6 +239,11 @@ class SlurmCluster:
         except ProcessLookupError:
             pass
         pidfile.unlink(missing_ok=True)
+
+    def tail_logs(self, n: int = 15) -> str:
+        """The last lines of the controller's and every slurmd's log, for a failing test's message."""
+        names = ["slurmctld.log"] + [f"slurmd-{node}.log" for node in NODES]
+        return "\n".join(f"--- {name}\n{self._tail(name, n)}" for name in names)
 
     def _tail(self, name: str, n: int = 20) -> str:
         path = self.run / name
