@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--out", default="runs/quickstart")
     qs.add_argument("--fast", action="store_true", help="~3-minute smoke version")
     qs.set_defaults(handler="dpldm.quickstart:main")
+
+    tp = verbs.add_parser("tune-proxy", help="choose the quickstart's fine-tune settings on a public proxy set")
+    tp.add_argument("--out", default="runs/quickstart", help="shares the quickstart's public pipeline")
+    tp.add_argument("--fast", action="store_true", help="smoke version (3 candidates, tiny sizes)")
+    tp.add_argument("--epsilons", type=float, nargs="+", default=[10.0],
+                    help="private-run eps whose noise each candidate gets; the first selects")
+    tp.set_defaults(handler="dpldm.tune_proxy:main")
     return parser
 
 

