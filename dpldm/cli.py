@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--fast", action="store_true", help="smoke version (3 candidates, tiny sizes)")
     tp.add_argument("--epsilons", type=float, nargs="+", default=[10.0],
                     help="private-run eps whose noise each candidate gets; the first selects")
+    tp.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
+                    help="a subset of dpldm.tune_proxy.CANDIDATES (default: all)")
     tp.set_defaults(handler="dpldm.tune_proxy:main")
     return parser
 

@@ -168,16 +168,16 @@ def sample_run(run: str | Path, out: str | Path | None = None, *, n: int | None 
         (loaded.cfg.model.resolution if loaded.cfg else loaded.comps.vae.config.sample_size)
     prompts, labels = plan_prompts(loaded.meta, loaded.cfg, n, class_id, prompt, prompts_file)
     indices = list(range(env.rank, n, env.world_size))
-    images = generate(loaded.comps, prompts, indices, guidance=sc.guidance if guidance is None else guidance,
-                      steps=steps or sc.steps, scheduler=scheduler or sc.scheduler,
-                      seed=sc.seed if seed is None else seed, batch_size=batch_size or sc.batch_size,
+    settings = {"guidance": sc.guidance if guidance is None else guidance, "steps": steps or sc.steps,
+                "scheduler": scheduler or sc.scheduler, "seed": sc.seed if seed is None else seed}
+    images = generate(loaded.comps, prompts, indices, **settings, batch_size=batch_size or sc.batch_size,
                       resolution=int(res))
     out = Path(out) if out else Path(run) / "samples"
     write_outputs(images, indices, prompts, labels, out, env.rank)
     if env.is_main:
         save_grid(images[:100], out / "grid.png", nrow=10 if labels[0] >= 0 else None)
-        (out / "samples.json").write_text(json.dumps({"n": n, "resolution": int(res), "labels": labels[:n],
-                                                      "run": str(run)}, indent=2))
+        (out / "samples.json").write_text(json.dumps({"n": n, "resolution": int(res), **settings,
+                                                      "labels": labels[:n], "run": str(run)}, indent=2))
         print(f"sample: wrote {n} images to {out} (grid {out / 'grid.png'})")
     barrier()
     return out

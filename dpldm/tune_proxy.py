@@ -20,7 +20,8 @@ import json
 import time
 from pathlib import Path
 
-from dpldm.quickstart import FAST, FULL, Plan, Stage, _finetune_cfg, _pretrain, _sampled, pack_sets
+from dpldm.errors import DpldmError
+from dpldm.quickstart import FAST, FULL, Plan, Stage, _finetune_cfg, _pretrain, _sampled, finetuned, pack_sets
 
 MNIST_TRAIN_N = 60000      # the private set's size in the full quickstart (public knowledge, recorded in its ledger)
 PROXY_SAMPLES = 500        # samples scored per candidate (full plan)
@@ -35,8 +36,8 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "C = 0.1": ({"privacy.max_grad_norm": 0.1}, None),
     "C = 0.001": ({"privacy.max_grad_norm": 0.001}, None),
     "no clip groups": ({"privacy.clip_groups": []}, None),
-    "lr 3e-3": ({"optim.lr": 3e-3}, None),
-    "lr 3e-2": ({"optim.lr": 3e-2}, None),
+    "lr 1e-2": ({"optim.lr": 1e-2}, None),
+    "lr 1e-1": ({"optim.lr": 1e-1}, None),
     "all levels": ({"adapter.levels": ["down", "mid", "up"]}, None),
     "digit prompts": ({"model.class_names": [str(i) for i in range(10)],
                        "model.prompt_template": "a handwritten digit {name}"}, None),
@@ -64,17 +65,12 @@ def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, nam
         "output.dir": str(out / "proxy" / f"{slug}-eps{eps:g}")}), sigma
 
 
-def run_candidate(cfg, guidance: float | None, n: int, plan: Plan) -> Path:
+def run_candidate(cfg, guidance: float | None, n: int) -> Path:
     """Fine-tune (resumable, shared by candidates that differ only in guidance) and sample n images."""
-    from dpldm.sample import sample_run
-    from dpldm.train.finetune import run_finetune
-    run = run_finetune(cfg)
+    run = finetuned(cfg)
     if guidance is None:
         return _sampled(run, n)
-    out = run / f"samples-g{guidance:g}"
-    if not (out / "samples.json").exists():
-        sample_run(run, out, n=n, guidance=guidance, steps=plan.sample_steps)
-    return out / "shards"
+    return _sampled(run, n, run / f"samples-g{guidance:g}", guidance=guidance)
 
 
 def write_table(path: Path, rows: list[dict], scorer_acc: float, best: str) -> None:
@@ -98,7 +94,10 @@ def main(args) -> int:
 
     plan = FAST if args.fast else FULL
     out = Path(args.out)
-    names = FAST_CANDIDATES if args.fast else tuple(CANDIDATES)
+    names = args.candidates or (FAST_CANDIDATES if args.fast else tuple(CANDIDATES))
+    unknown = [c for c in names if c not in CANDIDATES]
+    if unknown:
+        raise DpldmError(f"--candidates: unknown {unknown}; expected some of {list(CANDIDATES)}")
     n = plan.synthetic_n if args.fast else PROXY_SAMPLES
     timings: dict[str, float] = {}
     with Stage("pack public sets (Fashion-MNIST, scikit-learn digits)", timings):
@@ -120,7 +119,7 @@ def main(args) -> int:
                                    overrides)
             t0 = time.time()
             with Stage(f"proxy candidate '{name}' (sigma {sigma:.3f} of the eps={eps:g} private run)", timings):
-                shards = run_candidate(cfg, guidance, n, plan)
+                shards = run_candidate(cfg, guidance, n)
             xs, ys = load_shards(str(shards), channels=1, resolution=28)
             down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=plan.clf_epochs, seeds=PROXY_SEEDS)
             rows.append({"candidate": name, "epsilon": eps, "sigma": sigma, "agreement": accuracy(scorer, xs, ys),

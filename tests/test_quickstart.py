@@ -40,3 +40,4 @@ def test_quickstart_fast_end_to_end(tmp_path):
                            timeout=1500, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already packed" in again.stdout
+    assert "sample: wrote" not in again.stdout          # samples with the same n and settings are reused

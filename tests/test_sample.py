@@ -61,6 +61,8 @@ def test_sample_run_writes_pngs_grid_and_shards(tmp_path, pipe32):
     assert sorted(labels) == sorted([i % 10 for i in range(20)])  # class-balanced
     meta = samples[3]["json"]  # decoded by webdataset
     assert meta["prompt"] == f"digit {labels[3]}" and samples[3]["png"].size == (32, 32)
+    record = json.loads((out / "samples.json").read_text())     # what makes these samples (cache key for reuse)
+    assert record["n"] == 20 and record["steps"] == 2 and record["scheduler"] == "euler" and "guidance" in record
 
 
 def test_prompt_and_class_options(tmp_path, pipe32):

@@ -38,6 +38,9 @@ def test_tune_proxy_fast_uses_public_data_and_the_private_runs_noise(tmp_path):
         assert ledger["expected_batch_size"] == FAST.expected_batch and ledger["steps"] == FAST.ft_steps
         assert ledger["dataset_size"] == 1347 and "digits-train" in cfg.data.private
     assert load_config(out / "proxy" / "C0.1-eps10" / "config.yaml").privacy.max_grad_norm == 0.1
+    base = out / "proxy" / "quickstart-eps10"
+    assert json.loads((base / "samples-g2" / "samples.json").read_text())["guidance"] == 2.0
+    assert json.loads((base / "samples" / "samples.json").read_text())["guidance"] == private.sample.guidance
     for r in result["rows"]:
         assert 0.0 <= r["agreement"] <= 1.0 and r["n"] == FAST.synthetic_n
     # nothing private was packed: only the public pretraining set and the proxy
