@@ -100,7 +100,8 @@ def pack_sets(out: Path, plan: Plan, names=("fashion", "private", "test")) -> di
     return paths
 
 
-def _pretrain(out: Path, data: dict, plan: Plan) -> Path:
+def pretrain_public(out: Path, data: dict, plan: Plan) -> Path:
+    """Autoencoder, then latent U-Net, on data['fashion'] (reused when done); returns the pipeline folder."""
     from dpldm.train.pretrain import run_pretrain
     public = out / "public"
     base = [f"data.public={data['fashion']}", f"output.dir={public}", f"model.vae={public / 'vae'}",
@@ -110,7 +111,8 @@ def _pretrain(out: Path, data: dict, plan: Plan) -> Path:
     return public / "pipeline"
 
 
-def _finetune_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float) -> Config:
+def finetune_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float) -> Config:
+    """configs/quickstart.yaml with this plan's sizes, the target ε and the paths in out."""
     cfg = load_config(CONFIGS / "quickstart.yaml")
     return apply_mapping(cfg, {
         "model.pretrained": str(pipeline), "data.private": str(data["private"]), "data.test": str(data["test"]),
@@ -153,7 +155,7 @@ def _pretrained_only_run(out: Path, cfg: Config) -> Path:
     return run
 
 
-def _sampled(run: Path, n: int, out: Path | None = None, **settings):
+def sampled(run: Path, n: int, out: Path | None = None, **settings):
     """run's samples (n images; `settings` override the run config's guidance/steps), made unless already there
     with the same n and settings."""
     from dpldm.sample import sample_run
@@ -200,17 +202,17 @@ def main(args) -> int:
     with Stage("pack public (Fashion-MNIST) and private (MNIST) shards", timings):
         data = pack_sets(out, plan)
     with Stage("pretrain autoencoder + latent U-Net on public data (no DP)", timings):
-        pipeline = _pretrain(out, data, plan)
+        pipeline = pretrain_public(out, data, plan)
     runs = []
     for eps in plan.epsilons:
-        cfg = _finetune_cfg(out, pipeline, data, plan, eps)
+        cfg = finetune_cfg(out, pipeline, data, plan, eps)
         with Stage(f"DP fine-tune LoDA at eps={eps:g}", timings):
             runs.append(finetuned(cfg))
         with Stage(f"sample {plan.synthetic_n} class-balanced images (eps={eps:g})", timings):
-            _sampled(runs[-1], plan.synthetic_n)
+            sampled(runs[-1], plan.synthetic_n)
     base_run = _pretrained_only_run(out, cfg)
     with Stage("sample from the pretrained model without fine-tuning", timings):
-        _sampled(base_run, plan.baseline_n)
+        sampled(base_run, plan.baseline_n)
 
     rows = []
     with Stage("downstream CNN: synthetic → real MNIST test; baselines", timings):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from dpldm.errors import DpldmError
-from dpldm.quickstart import FAST, FULL, Plan, Stage, _finetune_cfg, _pretrain, _sampled, finetuned, pack_sets
+from dpldm.quickstart import FAST, FULL, Plan, Stage, finetune_cfg, finetuned, pack_sets, pretrain_public, sampled
 
 MNIST_TRAIN_N = 60000      # the private set's size in the full quickstart (public knowledge, recorded in its ledger)
 PROXY_SAMPLES = 500        # samples scored per candidate (full plan)
@@ -54,7 +54,7 @@ def proxy_sigma(plan: Plan, eps: float, delta: float, accountant: str) -> float:
 
 def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, name: str, overrides: dict):
     from dpldm.config import apply_mapping
-    cfg = _finetune_cfg(out, pipeline, {"private": data["digits"], "test": data["digits-test"]}, plan, eps)
+    cfg = finetune_cfg(out, pipeline, {"private": data["digits"], "test": data["digits-test"]}, plan, eps)
     sigma = proxy_sigma(plan, eps, cfg.privacy.delta, cfg.privacy.accountant)
     slug = name.replace(" ", "").replace("=", "").replace(".yaml", "")
     return apply_mapping(cfg, {
@@ -69,8 +69,8 @@ def run_candidate(cfg, guidance: float | None, n: int) -> Path:
     """Fine-tune (resumable, shared by candidates that differ only in guidance) and sample n images."""
     run = finetuned(cfg)
     if guidance is None:
-        return _sampled(run, n)
-    return _sampled(run, n, run / f"samples-g{guidance:g}", guidance=guidance)
+        return sampled(run, n)
+    return sampled(run, n, run / f"samples-g{guidance:g}", guidance=guidance)
 
 
 def write_table(path: Path, rows: list[dict], scorer_acc: float, best: str) -> None:
@@ -103,7 +103,7 @@ def main(args) -> int:
     with Stage("pack public sets (Fashion-MNIST, scikit-learn digits)", timings):
         data = pack_sets(out, plan, ("fashion", "digits", "digits-test"))
     with Stage("pretrain (or reuse) the public pipeline", timings):
-        pipeline = _pretrain(out, data, plan)
+        pipeline = pretrain_public(out, data, plan)
     with Stage("scorer: CNN on real digits train", timings):
         x_tr, y_tr = load_shards(str(data["digits"]), channels=1, resolution=28)
         x_te, y_te = load_shards(str(data["digits-test"]), channels=1, resolution=28)
