@@ -168,3 +168,18 @@ def test_batchnorm_model_is_rejected(tmp_path, assets):
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
     with pytest.raises(DpldmError, match="BatchNorm"):
         assert_dp_compatible(model)
+
+
+def test_quickstart_moves_a_run_made_with_other_settings_aside_with_its_ledger(tmp_path, assets):
+    """`dpldm quickstart` after an edit of configs/quickstart.yaml must not resume (and report) the old run."""
+    from dpldm.quickstart import finetuned
+    pipe, shards = assets
+    first = finetuned(finetune_config(tmp_path, pipe, shards, **{"train.steps": 1}))
+    ledger = (first / "privacy.json").read_text()
+    assert finetuned(finetune_config(tmp_path, pipe, shards, **{"train.steps": 1})) == first   # same settings: kept
+    assert not (tmp_path / "run.stale-1").exists()
+    again = finetuned(finetune_config(tmp_path, pipe, shards, **{"train.steps": 1, "optim.lr": 3e-2}))
+    assert again == first and (tmp_path / "run.stale-1" / "privacy.json").read_text() == ledger
+    assert json.loads((again / "privacy.json").read_text())["steps"] == 1
+    old, new = adapter_weights(tmp_path / "run.stale-1"), adapter_weights(again)       # trained afresh at lr 3e-2
+    assert any(not torch.equal(old[k], new[k]) for k in old)
