@@ -217,3 +217,31 @@ def test_trainable_parameters_outside_params_are_rejected():
         assert_dp_compatible(model, {"proj.weight": model.proj.weight})
     with pytest.raises(DpldmError, match="not found"):
         assert_dp_compatible(model, {"nope": model.proj.weight})
+
+
+def test_non_finite_examples_contribute_zero_and_keep_loss_and_weights_finite():
+    """Issue 11 §7: an example whose gradient (any clip group) or loss is NaN/Inf adds nothing (factor 0, still
+    bounded by C), never a NaN sum; the loss sum and a noisy SGD update stay finite; nothing counts them."""
+    _, loss_fn, params, batch = make_problem(batch=6, k=2)
+    x, noise, scale = (t.clone() for t in batch)
+    x[1] = float("nan")                                  # NaN input: NaN loss and gradient
+    x[4, 0, 0, 0] = float("inf")                         # Inf input: non-finite gradient
+    bad = (x, noise, scale)
+    good = tuple(t[[0, 2, 3, 5]] for t in bad)
+    groups = [["qkv.weight", "qkv.bias", "proj.weight", "proj.bias"],
+              [k for k in params if not k.startswith(("qkv", "proj"))]]
+    for clip, cg in ((0.05, None), (0.05, groups), (None, None)):
+        for mb in (1, 4):
+            got, stats = clipped_grad_sum(loss_fn, params, bad, clip, mb, clip_groups=cg)
+            want, want_stats = clipped_grad_sum(loss_fn, params, good, clip, mb, clip_groups=cg)
+            assert all(torch.isfinite(v).all() for v in got.values())
+            assert rel_err(got, want) < 1e-6
+            assert set(stats) == {"n", "loss_sum", "grad_norm_sum", "clipped"}   # no count of dropped examples
+            assert math.isfinite(stats["loss_sum"]) and stats["loss_sum"] == pytest.approx(want_stats["loss_sum"])
+            assert math.isfinite(stats["grad_norm_sum"]) and stats["clipped"] == want_stats["clipped"]
+    got, _ = clipped_grad_sum(loss_fn, params, bad, 0.05, 3)
+    step = add_noise_and_normalize(got, 1.0, 0.05, 6.0, noise_generator(0, 0))
+    new = {k: params[k].detach() - 0.1 * step[k] for k in params}
+    assert all(torch.isfinite(v).all() for v in new.values())
+    single, _ = clipped_grad_sum(loss_fn, params, tuple(t[1:2] for t in bad), 0.05, 1)
+    assert all(not v.any() for v in single.values())     # its whole contribution is exactly zero

@@ -55,6 +55,17 @@ def clip_group_index(names: list[str], clip_groups: Sequence[Sequence[str]] | No
     return [owner[n] for n in names]
 
 
+def _finite_examples(group_norms: Tensor, losses: Tensor) -> Tensor:
+    """[b] True where the example's loss and every group norm ([G, b]) are finite."""
+    return torch.isfinite(group_norms).all(0) & torch.isfinite(losses.detach().reshape(-1)).to(group_norms.device)
+
+
+def _zero_rows(g: Tensor, keep: Tensor) -> Tensor:
+    """g [b, ...] with the rows where `keep` [b] is False set to exactly zero (NaN/Inf included)."""
+    mask = keep.reshape(-1, *([1] * (g.dim() - 1))).to(g.device)
+    return torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
 def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor],
                      batch: tuple[Tensor, ...], max_grad_norm: float | None,
                      microbatch_size: int,
@@ -65,6 +76,11 @@ def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor
     Returns (grad_sum keyed like `params`, stats {"n", "loss_sum", "grad_norm_sum", "clipped"}),
     where grad_norm_sum sums the unclipped per-example norms and clipped counts the examples whose
     gradient (or any of its groups) was scaled down.
+
+    Non-finite examples: an example whose loss or gradient norm (of any clip group) is NaN/Inf (a
+    float32 norm that overflows counts as Inf) contributes zero — factor 0, so its contribution is
+    still bounded by C and the sum stays finite — and is left out of loss_sum and grad_norm_sum. How
+    many were dropped is NOT counted anywhere: it is a statistic of the private batch (DESIGN inv. 8).
     """
     if isinstance(microbatch_size, bool) or int(microbatch_size) != microbatch_size or microbatch_size < 1:
         raise DpldmError(f"dp step: microbatch_size must be an integer >= 1; got {microbatch_size!r}")
@@ -96,16 +112,20 @@ def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor
         for k, g in grads.items():
             sq[group_of[k]] += g.reshape(b, -1).to(torch.float32).pow(2).sum(1)
         group_norms = sq.sqrt()                                        # [G, b]
-        norms = sq.sum(0).sqrt()
+        finite = _finite_examples(group_norms, losses)                 # [b] bool
+        group_norms = torch.where(finite, group_norms, torch.zeros_like(group_norms))
+        norms = sq.sum(0).sqrt().where(finite, torch.zeros_like(finite, dtype=sq.dtype))
         if group_clip is None:
             factor = torch.ones_like(group_norms)
         else:
             factor = (group_clip / (group_norms + _CLIP_EPS)).clamp(max=1.0)
             clipped += (group_norms > group_clip).any(0).sum()
+        factor = factor * finite                                       # non-finite example: factor 0
         for k, g in grads.items():
             f = factor[group_of[k]].to(grad_sum[k].dtype)
-            grad_sum[k].add_(torch.einsum("b,b...->...", f, g.to(grad_sum[k].dtype)))
-        loss_sum += losses.detach().to(torch.float64).sum()
+            g = _zero_rows(g.to(grad_sum[k].dtype), finite)           # 0 · NaN would still be NaN
+            grad_sum[k].add_(torch.einsum("b,b...->...", f, g))
+        loss_sum += torch.where(finite, losses.detach().to(torch.float64), 0.0).sum()
         norm_sum += norms.to(torch.float64).sum()
     stats = {"n": int(n), "loss_sum": float(loss_sum), "grad_norm_sum": float(norm_sum),
              "clipped": int(clipped)}
