@@ -12,6 +12,9 @@ Layout of a cache directory (memory-mapped .npy, so exact Poisson sampling reads
     meta.json         N, shapes, source, encoder identity (hash of the VAE's config and weights), flip
 A cache whose encoder identity or source differs from the current config is stale and is rebuilt.
 Every private example must be encoded: a bad sample stops encoding (dropping it would change N).
+A class-conditional set (some examples labelled, no captions) must label every example: one unlabeled
+example fails the build (and the load of an older cache), never the training step that samples it — a
+crash at a data-dependent step would reveal a membership event (issue 11 §7).
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ class LatentCache:
         self.texts = json.loads((self.path / "texts.json").read_text())
         if len(self.latents) != self.meta["n"] or len(self.labels) != self.meta["n"]:
             raise DpldmError(f"latent cache {self.path}: arrays disagree with meta.json n={self.meta['n']}")
+        check_labels(self.labels, self.texts, None, f"latent cache {self.path}")
 
     def __len__(self) -> int:
         return int(self.meta["n"])
@@ -74,6 +78,16 @@ class LatentCache:
         return {"latents": torch.from_numpy(lat),
                 "labels": torch.from_numpy(self.labels[idx]).long(),
                 "texts": [self.texts[i] for i in idx]}
+
+
+def check_labels(labels: np.ndarray, texts: list[str], keys: list[str] | None, where: str) -> None:
+    """DpldmError when a class-conditional set (labels present, no captions) has an unlabeled example."""
+    missing = np.flatnonzero(np.asarray(labels) < 0)
+    if len(missing) == 0 or len(missing) == len(labels) or any(texts):
+        return
+    first = f"key {keys[missing[0]]!r}" if keys else f"index {int(missing[0])}"
+    raise DpldmError(f"data.private: {len(missing)} of {len(labels)} examples in {where} have no label (first: "
+                     f"{first}) although the set is class-conditional; label or remove them and re-pack")
 
 
 def is_fresh(path: Path, source: str, identity: str, cfg: Config) -> bool:
@@ -124,6 +138,7 @@ def build_cache(cfg: Config, vae, path: Path, log=print) -> LatentCache:
     n_keep = min(n, cfg.data.limit) if cfg.data.limit else n
     lat, sd, lab = (np.concatenate(a)[:n_keep] for a in (means, stds, labels))
     texts, keys = texts[:n_keep], keys[:n_keep]
+    check_labels(lab, texts, keys, cfg.data.private)        # the whole set, before anything is written
     if cfg.data.flip:
         np.save(tmp / "latents_flip.npy", np.concatenate(flips)[:n_keep])
     np.save(tmp / "latents.npy", lat)
