@@ -12,6 +12,20 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && ! ls
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
 
+# Fonts for the procedurally generated public glyphs (`dpldm data pack glyphs:digits|glyphs:letters`,
+# dpldm/data/glyphs.py lists the files it draws from): handwriting and printed faces, Hershey stroke fonts.
+glyph_pkgs="fonts-dkg-handwriting fonts-breip fonts-bwht fonts-kristi fonts-rufscript fonts-sjfonts
+  fonts-tlwg-purisa-ttf fonts-comic-neue fonts-humor-sans fonts-dancingscript fonts-ecolier-court fonts-femkeklaver
+  fonts-staypuft fonts-isabella fonts-klaudia-berenika fonts-lobstertwo fonts-urw-base35 fonts-dejavu-core
+  fonts-liberation fonts-freefont-ttf fonts-okolaks fonts-sil-andika hershey-fonts-data"
+missing=""
+for p in $glyph_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
+fi
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

