@@ -90,3 +90,39 @@ def test_dpsgd_rejects_bad_budget(mnist):
         train_dpsgd_classifier(x[:100], y[:100], 1.0, 1e-5, expected_batch_size=1000)
     with pytest.raises(DpldmError, match="delta"):
         train_dpsgd_classifier(x[:100], y[:100], 1.0, 0.0)
+
+
+def _tiny_set(n=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 2
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_dpsgd_empty_poisson_batches_take_noise_only_steps():
+    """Issue 11 §7: N = 8, expected batch 1 draws empty batches (~1/e of the steps); each is a noise-only step
+    (opacus used to fail with "Per sample gradient is not initialized")."""
+    x, y = _tiny_set()
+    model, ledger = train_dpsgd_classifier(x, y, 5.0, 1e-2, epochs=3, expected_batch_size=1, num_classes=2, width=4)
+    assert ledger["steps"] == 24 and torch.isfinite(_weights(model)).all()
+    assert ledger["epsilon"] == pytest.approx(5.0, rel=0.05)
+
+
+def test_dpsgd_default_seed_is_secret_and_an_explicit_seed_is_flagged():
+    """seed=None: every run draws fresh noise and batches from a secret seed (two runs differ, no warning);
+    an explicit seed reproduces the run exactly, so the ledger says it is not a release."""
+    from dpldm.eval.dpsgd_baseline import EXPLICIT_SEED_WARNING
+    x, y = _tiny_set(16)
+    kw = dict(epochs=1, expected_batch_size=4, num_classes=2, width=4)
+    a, la = train_dpsgd_classifier(x, y, 5.0, 1e-2, **kw)
+    b, lb = train_dpsgd_classifier(x, y, 5.0, 1e-2, **kw)
+    assert not torch.equal(_weights(a), _weights(b))
+    assert la["warnings"] == [] and la["secret_seed"] is True and "seed" not in la
+    c, lc = train_dpsgd_classifier(x, y, 5.0, 1e-2, seed=7, **kw)
+    torch.manual_seed(123)                                # the caller's global RNG state does not matter
+    d, _ = train_dpsgd_classifier(x, y, 5.0, 1e-2, seed=7, **kw)
+    assert torch.equal(_weights(c), _weights(d))
+    assert lc["warnings"] == [EXPLICIT_SEED_WARNING] and lc["secret_seed"] is False
+    assert "not a release" in EXPLICIT_SEED_WARNING and "explicit seed" in EXPLICIT_SEED_WARNING

@@ -7,6 +7,12 @@ A strong baseline as the literature tunes it (Tramèr & Boneh 2021; De et al. 20
 BatchNorm, large Poisson batches, a small clip norm, few epochs, momentum SGD with a large learning
 rate. The defaults were tuned on PUBLIC data only (see docs/evaluation.md: MNIST train[40k:50k] for
 training, the MNIST validation split for scoring), never on the private set or the test set.
+
+Randomness (DESIGN invariant 7): by default (`seed=None`) the initialisation, the Poisson sampling and the
+noise come from streams of a fresh 128-bit secret seed (`dpldm.rng.secret_seed`) that is returned nowhere;
+the noise uses its own generator handed to opacus (`noise_generator`), never torch's global RNG. An explicit
+`seed` makes everything reproducible by whoever has it: the ledger then carries EXPLICIT_SEED_WARNING.
+An empty Poisson batch (possible whenever q·N is small) takes a noise-only step, as the fine-tune does.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpldm.errors import DpldmError
 from dpldm.eval.classifier import _check, build_classifier
+
+EXPLICIT_SEED_WARNING = "explicit seed: the noise is reproducible by whoever has the seed; not a release"
 
 # Tuned on public data (docs/evaluation.md); override per call.
 DEFAULTS = dict(epochs=15, expected_batch_size=1000, max_grad_norm=0.1, lr=0.0, momentum=0.9, arch="cnn", width=0)
@@ -37,13 +45,17 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
                            max_grad_norm: float = DEFAULTS["max_grad_norm"], lr: float = DEFAULTS["lr"],
                            momentum: float = DEFAULTS["momentum"], optimizer: str = "sgd",
                            arch: str = DEFAULTS["arch"], width: int = DEFAULTS["width"],
-                           accountant: str = "prv", seed: int = 0,
+                           accountant: str = "prv", seed: int | None = None,
                            num_classes: int | None = None, log=None):
     """Train with opacus DP-SGD (Poisson sampling, per-example clipping to `max_grad_norm`, noise
     calibrated to spend `target_epsilon` at `delta` over `epochs`). `width`/`lr` 0 take the
-    budget's tuned values (`budget_defaults`). Returns (model in eval mode,
-    ledger dict with epsilon spent, delta, accountant, noise_multiplier, sample_rate, steps, ...)."""
+    budget's tuned values (`budget_defaults`). `seed=None` (default) draws a fresh secret seed; an explicit
+    seed is for tests and is flagged "not a release" in the ledger's warnings. Returns (model in eval mode,
+    ledger dict with epsilon spent, delta, accountant, noise_multiplier, sample_rate, steps, ...): nothing in
+    it is computed from the private data beyond the accountant's output (throughput counts expected batches)."""
     from opacus import PrivacyEngine
+
+    from dpldm.rng import RunRandomness, secret_seed
 
     _check(images, labels, "train_dpsgd_classifier")
     n = len(images)
@@ -56,7 +68,9 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
     if not 0 < expected_batch_size <= n:
         raise DpldmError(f"dpsgd baseline: expected_batch_size must be in 1..{n} (dataset size); got {expected_batch_size}")
     num_classes = num_classes or int(labels.max()) + 1
-    torch.manual_seed(seed)
+    explicit = seed is not None
+    rng = RunRandomness(int(seed) if explicit else secret_seed())
+    torch.manual_seed(rng.int_seed("dpsgd-init"))             # the classifier's initial weights
     tuned = budget_defaults(target_epsilon)
     width = width or (tuned["width"] if arch == "cnn" else 0)
     lr = lr or (tuned["lr"] if optimizer == "sgd" else 1e-3)
@@ -67,27 +81,29 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
         opt = torch.optim.Adam(model.parameters(), lr=lr)
     else:
         raise DpldmError(f"dpsgd baseline: optimizer must be sgd or adam; got {optimizer!r}")
-    # opacus turns this loader into Poisson sampling with q = batch_size / N
+    # opacus turns this loader into Poisson sampling with q = batch_size / N, drawn from the loader's generator
     loader = DataLoader(TensorDataset(images, labels), batch_size=expected_batch_size,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=rng.torch("dpsgd-poisson"))
     engine = PrivacyEngine(accountant=accountant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opacus' secure-RNG notice
         model, opt, loader = engine.make_private_with_epsilon(
             module=model, optimizer=opt, data_loader=loader, target_epsilon=target_epsilon,
-            target_delta=delta, epochs=epochs, max_grad_norm=max_grad_norm, poisson_sampling=True)
+            target_delta=delta, epochs=epochs, max_grad_norm=max_grad_norm, poisson_sampling=True,
+            noise_generator=rng.torch("dpsgd-noise"))
     sample_rate = expected_batch_size / n
-    t0, steps, seen = time.perf_counter(), 0, 0
+    t0, steps = time.perf_counter(), 0
     model.train()
     for epoch in range(epochs):
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
-            if len(x):  # an empty Poisson batch still takes a (noise-only) step in opacus
+            if len(x):
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
+            else:
+                _empty_per_sample_grads(opt)  # an empty Poisson batch: a noise-only step
             opt.step()
             steps += 1
-            seen += len(x)
         if log:
             log(f"dp-sgd epoch {epoch + 1}/{epochs}: eps {engine.get_epsilon(delta):.3f}")
     seconds = time.perf_counter() - t0
@@ -98,7 +114,15 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
         "sample_rate": sample_rate, "steps": steps, "private": True, "sampling": "poisson",
         "max_grad_norm": max_grad_norm, "expected_batch_size": expected_batch_size, "dataset_size": n,
         "epochs": epochs, "lr": lr, "optimizer": optimizer, "arch": arch, "width": width,
-        "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), "warnings": [],
+        "seconds": seconds, "images_per_s": steps * expected_batch_size / max(seconds, 1e-9),
+        "secret_seed": not explicit, "warnings": [EXPLICIT_SEED_WARNING] if explicit else [],
     }
     net = model._module if hasattr(model, "_module") else model
     return net.eval(), ledger
+
+
+def _empty_per_sample_grads(opt) -> None:
+    """Give every parameter an empty per-sample gradient [0, *shape]: opacus then clips nothing, sums zero
+    and adds the step's noise (its own empty-batch path), instead of failing on a missing grad_sample."""
+    for p in opt.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

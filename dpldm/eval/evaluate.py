@@ -100,7 +100,7 @@ def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epo
     for eps, delta in budgets:
         accs, ledger = [], None
         for seed in range(seeds):
-            model, ledger = train_dpsgd_classifier(x_tr, y_tr, target_epsilon=eps, delta=delta, seed=seed,
+            model, ledger = train_dpsgd_classifier(x_tr, y_tr, target_epsilon=eps, delta=delta,  # secret seed
                                                    expected_batch_size=min(DEFAULTS["expected_batch_size"], len(x_tr) // 2),
                                                    num_classes=int(max(y_tr.max(), y_test.max())) + 1, log=_log)
             accs.append(accuracy(model, x_test, y_test))
