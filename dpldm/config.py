@@ -90,7 +90,13 @@ class PrivacyConfig:
     clip_groups: list[str] = field(default_factory=list)
     noise_multiplicity: int = 4
     expected_batch_size: int = 256
-    accountant: Literal["rdp", "prv", "pld", "dpa_rdp"] = "prv"
+    accountant: Literal["rdp", "prv", "pld", "dpa_rdp"] = "pld"
+    # neighbouring relation the ledger's epsilon refers to: replace_one (same N, one example swapped) is what
+    # a run that publishes N can claim; add_remove only with rdp/prv/pld/dpa_rdp and an N kept secret
+    relation: Literal["replace_one", "add_remove"] = "replace_one"
+    # draw the DP noise and the Poisson sampling from a SHAKE-256 keystream (a CSPRNG keyed by the secret
+    # run seed) instead of PCG64/Philox: for a release; costs ~0.2 s per million noised parameters on a CPU
+    secure_rng: bool = False
 
 
 @dataclass
@@ -162,7 +168,10 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    seed: int = 0
+    # None (default): a private run draws a fresh secret 128-bit seed from the OS CSPRNG, kept in RUN/private/
+    # and never published. An explicit seed makes the DP noise reproducible by whoever has it: tests and
+    # research only; the ledger marks such a run "not a release". Public pretraining uses seed or 0.
+    seed: Optional[int] = None
 
 
 # ---------------------------------------------------------------------------------------------

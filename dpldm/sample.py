@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dpldm.config import Config, load_config
 from dpldm.errors import DpldmError
+from dpldm.rng import RunRandomness
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
 
@@ -103,11 +104,12 @@ def generate(comps, prompts: list[str], indices: list[int], *, guidance: float, 
     if resolution % factor or resolution % 8:
         raise DpldmError(f"resolution {resolution} must be a multiple of 8 and of the autoencoder factor {factor}")
     null = encode_prompts(comps, [""])
+    rng = RunRandomness(seed)   # the sampling seed is public: samples are post-processing of the DP model
     out = []
     for s in tqdm(range(0, len(indices), batch_size), desc="sample", unit="batch", leave=False):
         idx = indices[s:s + batch_size]
         cond = encode_prompts(comps, [prompts[i] for i in idx])
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in idx]
+        gens = [rng.torch("sample", i) for i in idx]
         images = pipe(prompt_embeds=cond, negative_prompt_embeds=null.expand_as(cond), num_inference_steps=steps,
                       guidance_scale=guidance, generator=gens, height=resolution, width=resolution,
                       output_type="pt").images

@@ -171,15 +171,28 @@ def test_noise_is_drawn_once_per_logical_step_whatever_the_microbatching():
     # the added noise is exactly one fresh draw of N(0, σ²C²) per coordinate from the step's generator
     gen = noise_generator(3, 11)
     for k in sorted(gsum):
-        draw = torch.randn(gsum[k].shape, generator=gen)
+        draw = gen.normal(gsum[k].shape)
         torch.testing.assert_close(noised[k] * ebs - gsum[k], draw * sigma * clip, rtol=1e-4, atol=1e-5)
 
 
 def test_noise_generator_depends_on_seed_and_step_only():
-    a = torch.randn(5, generator=noise_generator(7, 3))
-    assert torch.equal(a, torch.randn(5, generator=noise_generator(7, 3)))
-    assert not torch.equal(a, torch.randn(5, generator=noise_generator(7, 4)))
-    assert not torch.equal(a, torch.randn(5, generator=noise_generator(8, 3)))
+    a = noise_generator(7, 3).normal((5,))
+    assert torch.equal(a, noise_generator(7, 3).normal((5,)))
+    assert not torch.equal(a, noise_generator(7, 4).normal((5,)))
+    assert not torch.equal(a, noise_generator(8, 3).normal((5,)))
+    # 128-bit seeds: seeds that agree in their low 32 or 64 bits still give different noise
+    # (torch's CPU generator keeps only 32 bits of a seed: it is not used for the DP noise)
+    assert not torch.equal(noise_generator(5, 0).normal((5,)), noise_generator(5 + 2**32, 0).normal((5,)))
+    assert not torch.equal(noise_generator(5, 0).normal((5,)), noise_generator(5 + 2**64, 0).normal((5,)))
+
+
+def test_secure_noise_is_standard_normal_and_keyed_by_seed_and_step():
+    z = noise_generator(11, 2, secure=True).normal((200_000,))
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    assert abs(float((z.abs() > 1.96).float().mean()) - 0.05) < 0.003          # Gaussian tails
+    assert torch.equal(z, noise_generator(11, 2, secure=True).normal((200_000,)))
+    assert not torch.equal(z, noise_generator(11, 3, secure=True).normal((200_000,)))
+    assert not torch.equal(z, noise_generator(11, 2).normal((200_000,)))
 
 
 def test_zero_noise_only_normalizes_and_bad_values_are_refused():

@@ -34,12 +34,27 @@ def test_state_dict_round_trip_reproduces_the_draws():
         a.next_indices()
     state = json.loads(json.dumps(a.state_dict()))       # JSON-serialisable
     expected = [a.next_indices() for _ in range(5)]
-    b = PoissonSampler(1000, 0.03, seed=999)
+    assert "seed" not in json.dumps(state)                # the seed is secret: never in a checkpoint's state
+    b = PoissonSampler(1000, 0.03, seed=5)
     b.load_state_dict(state)
     assert b.steps_taken == 7
     for want in expected:
         assert np.array_equal(b.next_indices(), want)
     assert b.steps_taken == 12
+    other = PoissonSampler(1000, 0.03, seed=999)          # the state alone does not give the batches
+    other.load_state_dict(state)
+    assert not np.array_equal(other.next_indices(), expected[0])
+
+
+def test_secure_mode_draws_poisson_batches_from_the_keystream():
+    a = PoissonSampler(2000, 0.05, seed=3, secure=True)
+    sizes = [len(a.next_indices()) for _ in range(40)]
+    assert abs(np.mean(sizes) - 100) < 6 * np.sqrt(100 * 0.95 / 40)    # Binomial(2000, 0.05) batches
+    b = PoissonSampler(2000, 0.05, seed=3, secure=True)
+    b.load_state_dict(a.state_dict())
+    assert np.array_equal(a.next_indices(), b.next_indices())          # same seed + step: same draws
+    assert not np.array_equal(PoissonSampler(2000, 0.05, seed=3).next_indices(),
+                              PoissonSampler(2000, 0.05, seed=3, secure=True).next_indices())
 
 
 def test_same_seed_same_draws_other_seed_other_draws():

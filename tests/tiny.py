@@ -48,6 +48,7 @@ def finetune_config(tmp: Path, pipeline: Path, shards: Path, out: str = "run", *
         "data.private": str(shards), "data.transform": "pad", "data.cache_dir": str(tmp / "cache"),
         "adapter.kind": "loda", "adapter.rank": 2, "privacy.expected_batch_size": 16,
         "privacy.noise_multiplicity": 2, "privacy.target_epsilon": 50.0, "privacy.accountant": "rdp",
+        "privacy.relation": "add_remove",
         "train.steps": 3, "train.microbatch_size": 8, "train.log_every": 1, "optim.lr": 1e-2,
         "output.dir": str(tmp / out), "seed": 0}
     overrides.update(over)

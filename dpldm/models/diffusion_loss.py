@@ -3,37 +3,37 @@
 Noise multiplicity (DPDM): each example draws K (timestep, noise) pairs and its K losses are averaged
 *before* its gradient is taken and clipped, so the sensitivity stays C while the loss variance drops.
 
-Every random draw of an example is a function of (seed, step, global example index) only, so results do
+Every random draw of an example is a function of (run seed, step, global example index) only, so results do
 not depend on micro-batch size, rank count or the order examples are processed in.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-
-
-def _example_seed(seed: int, step: int, index: int) -> int:
-    x = (seed * _MIX[0] + step * _MIX[1] + index * _MIX[2]) & ((1 << 63) - 1)
-    x ^= x >> 31
-    return x
+from dpldm.rng import RunRandomness
 
 
 def example_draws(seed: int, step: int, indices, k: int, latent_shape: tuple[int, ...], num_timesteps: int,
                   cond_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example timesteps [B,K], Gaussian noise [B,K,*latent_shape] and null-condition mask [B]."""
+    """Per-example timesteps [B,K], Gaussian noise [B,K,*latent_shape] and null-condition mask [B].
+
+    Example i at step s draws from the run seed's ("example", s, i) stream (dpldm/rng.py).
+    """
+    rng = RunRandomness(seed)
     ts, noises, drops = [], [], []
     for index in [int(i) for i in indices]:
-        g = torch.Generator().manual_seed(_example_seed(seed, step, index))
-        ts.append(torch.randint(0, num_timesteps, (k,), generator=g))
-        noises.append(torch.randn((k, *latent_shape), generator=g))
-        drops.append(torch.rand((), generator=g) < cond_dropout)
+        g = rng.numpy("example", step, index)
+        ts.append(g.integers(0, num_timesteps, k))
+        noises.append(g.standard_normal((k, *latent_shape), dtype=np.float32))
+        drops.append(g.random() < cond_dropout)
     if not ts:
         return (torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k, *latent_shape),
                 torch.zeros(0, dtype=torch.bool))
-    return torch.stack(ts), torch.stack(noises), torch.stack(drops)
+    return (torch.from_numpy(np.stack(ts)).long(), torch.from_numpy(np.stack(noises)),
+            torch.from_numpy(np.array(drops, dtype=bool)))
 
 
 def diffusion_loss(unet_call: Callable, alphas_cumprod: torch.Tensor, x0: torch.Tensor, cond: torch.Tensor,

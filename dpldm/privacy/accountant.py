@@ -8,8 +8,12 @@ Every number comes from a library accountant (nothing hand-rolled):
 - "prv":     opacus PRVAccountant (numerical composition of privacy-loss random variables; tight),
 - "pld":     dp_accounting PLDAccountant (privacy-loss distributions; tight),
 - "dpa_rdp": dp_accounting RdpAccountant (Rényi DP, independent implementation).
-All use the add/remove-one neighbouring relation. Calibration is a bisection over σ that calls the
-chosen accountant. `dpldm privacy epsilon|noise` is `main(args)`.
+Neighbouring relation (`relation`): "add_remove" (one data set is the other plus one example; every
+accountant) or "replace_one" (same size, one example swapped; "pld" only — dp_accounting's PLD supports
+it for Poisson subsampling, the RDP accountants do not). A run that publishes its dataset size N
+should state replace-one: under add/remove, neighbours have different N, so a released N tells them
+apart (docs/privacy.md). Calibration is a bisection over σ that calls the chosen accountant.
+`dpldm privacy epsilon|noise` is `main(args)`.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import warnings
 from dpldm.errors import DpldmError
 
 ACCOUNTANTS = ("rdp", "prv", "pld", "dpa_rdp")
+RELATIONS = ("add_remove", "replace_one")
+REPLACE_ONE_ACCOUNTANTS = ("pld",)
 
 # Above this RDP bound the numerical accountants (prv, pld) need minutes to hours; the RDP bound
 # (always a valid upper bound on the tight ε) is reported instead. Such ε protect nothing anyway.
@@ -48,9 +54,14 @@ def validate(sample_rate: float, delta: float, noise_multiplier: float | None = 
                              f"(N = {dataset_size} examples); got delta = {delta:g}")
 
 
-def _check_accountant(accountant: str) -> None:
+def _check_accountant(accountant: str, relation: str = "add_remove") -> None:
     if accountant not in ACCOUNTANTS:
         raise DpldmError(f"privacy: accountant must be one of {', '.join(ACCOUNTANTS)}; got {accountant!r}")
+    if relation not in RELATIONS:
+        raise DpldmError(f"privacy: relation must be one of {', '.join(RELATIONS)}; got {relation!r}")
+    if relation == "replace_one" and accountant not in REPLACE_ONE_ACCOUNTANTS:
+        raise DpldmError(f"privacy: accountant {accountant!r} supports relation add_remove only; use "
+                         f"accountant={REPLACE_ONE_ACCOUNTANTS[0]} for relation replace_one")
 
 
 def _quiet():
@@ -97,10 +108,12 @@ def _opacus_prv(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 
 
 def _dpa_pld(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-             rough: float) -> float:
+             rough: float, relation: str = "add_remove") -> float:
+    from dp_accounting import NeighboringRelation
     from dp_accounting.pld import PLDAccountant
+    rel = NeighboringRelation.REPLACE_ONE if relation == "replace_one" else NeighboringRelation.ADD_OR_REMOVE_ONE
     # a coarser grid is pessimistic (still an upper bound), ~0.1% off at ε >~ 0.5 and 5x faster
-    acc = PLDAccountant(value_discretization_interval=1e-3 if rough > 1.0 else 1e-4)
+    acc = PLDAccountant(neighboring_relation=rel, value_discretization_interval=1e-3 if rough > 1.0 else 1e-4)
     acc.compose(_dpa_event(noise_multiplier, sample_rate, steps))
     return float(acc.get_epsilon(delta))
 
@@ -113,9 +126,9 @@ def _dpa_rdp(noise_multiplier: float, sample_rate: float, steps: int, delta: flo
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-            accountant: str = "prv") -> float:
-    """ε spent after `steps` Poisson-subsampled Gaussian steps (σ = 0 → inf, steps = 0 → 0)."""
-    _check_accountant(accountant)
+            accountant: str = "prv", relation: str = "add_remove") -> float:
+    """ε spent after `steps` Poisson-subsampled Gaussian steps (σ = 0 → inf, steps = 0 → 0), under `relation`."""
+    _check_accountant(accountant, relation)
     validate(sample_rate, delta, noise_multiplier=noise_multiplier, steps=steps)
     if steps == 0:
         return 0.0
@@ -125,7 +138,9 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         with _quiet():
             if accountant == "dpa_rdp":
                 return _dpa_rdp(noise_multiplier, sample_rate, steps, delta)
-            rough = _opacus_rdp(noise_multiplier, sample_rate, steps, delta)
+            rough = _opacus_rdp(noise_multiplier, sample_rate, steps, delta)   # add/remove bound
+            if relation == "replace_one":          # replace-one ε >= add/remove ε: no shortcut by RDP
+                return _dpa_pld(noise_multiplier, sample_rate, steps, delta, rough, relation)
             if accountant == "rdp" or rough > NUMERICAL_EPSILON_LIMIT:
                 return rough
             if accountant == "prv":
@@ -138,14 +153,15 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
 
 def noise_multiplier_for(target_epsilon: float, sample_rate: float, steps: int, delta: float,
-                         accountant: str = "prv") -> float:
+                         accountant: str = "prv", relation: str = "add_remove") -> float:
     """Smallest σ (within ~0.1% relative) whose ε after `steps` is <= target_epsilon.
 
     A bisection-style root search that only calls `epsilon`: the cheap RDP bound brackets the
     answer first (tight accountants need a σ no larger than RDP's), then Brent's method refines
-    it, and the returned σ is always one whose ε was checked to be <= target_epsilon.
+    it, and the returned σ is always one whose ε was checked to be <= target_epsilon. Under replace-one
+    the add/remove RDP answer is only a starting point: the bracket is widened until it holds.
     """
-    _check_accountant(accountant)
+    _check_accountant(accountant, relation)
     validate(sample_rate, delta, steps=steps)
     if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise DpldmError(f"privacy: target_epsilon must be a finite number > 0; got {target_epsilon!r}")
@@ -157,7 +173,7 @@ def noise_multiplier_for(target_epsilon: float, sample_rate: float, steps: int, 
 
     def gap(sigma: float, acc: str = accountant) -> float:   # > 0 means over budget
         if (sigma, acc) not in seen:
-            eps = epsilon(sigma, sample_rate, steps, delta, acc)
+            eps = epsilon(sigma, sample_rate, steps, delta, acc, relation if acc == accountant else "add_remove")
             seen[sigma, acc] = math.log(eps) - math.log(target_epsilon)
         return seen[sigma, acc]
 
@@ -175,7 +191,7 @@ def noise_multiplier_for(target_epsilon: float, sample_rate: float, steps: int, 
         sigma_rdp = brentq(gap, lo, hi, args=(first,), xtol=_CALIBRATION_RTOL * lo)
         hi = sigma_rdp * (1 + _CALIBRATION_RTOL)
         while gap(hi) > 0:              # numerical accountants are not exactly below RDP everywhere
-            hi *= 1.1
+            hi *= 1.1                   # (and replace-one needs more noise than add/remove)
         lo = hi * 0.85
         while lo > 1e-3 and gap(lo) <= 0:
             hi, lo = lo, lo * 0.85
@@ -193,17 +209,19 @@ def main(args) -> int:
     """`dpldm privacy epsilon|noise`: print one JSON object on stdout."""
     validate(args.sample_rate, args.delta, steps=args.steps, dataset_size=args.dataset_size,
              noise_multiplier=getattr(args, "noise_multiplier", None))
+    relation = getattr(args, "relation", "add_remove")
     common = {"sample_rate": args.sample_rate, "steps": args.steps, "delta": args.delta,
-              "accountant": args.accountant}
+              "accountant": args.accountant, "relation": relation}
     if args.dataset_size:
         common["dataset_size"] = args.dataset_size
         common["expected_batch_size"] = args.sample_rate * args.dataset_size
     if args.privacy_verb == "epsilon":
-        eps = epsilon(args.noise_multiplier, args.sample_rate, args.steps, args.delta, args.accountant)
+        eps = epsilon(args.noise_multiplier, args.sample_rate, args.steps, args.delta, args.accountant, relation)
         out = {"epsilon": eps if math.isfinite(eps) else "inf", "noise_multiplier": args.noise_multiplier}
     else:
-        sigma = noise_multiplier_for(args.epsilon, args.sample_rate, args.steps, args.delta, args.accountant)
-        eps = epsilon(sigma, args.sample_rate, args.steps, args.delta, args.accountant)
+        sigma = noise_multiplier_for(args.epsilon, args.sample_rate, args.steps, args.delta, args.accountant,
+                                     relation)
+        eps = epsilon(sigma, args.sample_rate, args.steps, args.delta, args.accountant, relation)
         out = {"noise_multiplier": sigma, "epsilon": eps, "target_epsilon": args.epsilon}
     print(json.dumps({**out, **common}))
     return 0

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dpldm.errors import DpldmError
+from dpldm.rng import NoiseStream, RunRandomness
 
 _CLIP_EPS = 1e-6   # as in opacus: factor = C / (norm + eps), capped at 1
 
@@ -132,26 +133,24 @@ def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor
     return grad_sum, stats
 
 
-def noise_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from (seed, step): the same draws on every rank of one device type.
+def noise_generator(seed: int, step: int, device: str | torch.device = "cpu", secure: bool = False) -> NoiseStream:
+    """The DP noise of logical step `step`: the run seed's ("noise", step) stream (dpldm/rng.py).
 
-    Not a CSPRNG (see docs/privacy.md); distinct (seed, step) pairs give independent-looking streams.
+    The same draws on every rank of one device type; `secure=True` draws from a SHAKE-256 keystream
+    (privacy.secure_rng). The seed must be secret (docs/privacy.md): whoever has it can subtract the noise.
     """
-    if int(seed) < 0 or int(step) < 0:
-        raise DpldmError(f"dp step: noise seed and step must be >= 0; got seed={seed}, step={step}")
-    state = np.random.SeedSequence([int(seed), int(step), 0xD9]).generate_state(1, dtype=np.uint64)[0]
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(state) >> 1)
-    return gen
+    if int(step) < 0:
+        raise DpldmError(f"dp step: noise step must be >= 0; got step={step}")
+    return NoiseStream(RunRandomness(int(seed)), "noise", int(step), device=device, secure=secure)
 
 
 def add_noise_and_normalize(grad_sum: Mapping[str, Tensor], noise_multiplier: float,
                             max_grad_norm: float | None, expected_batch_size: float,
-                            generator: torch.Generator) -> dict[str, Tensor]:
+                            generator: NoiseStream) -> dict[str, Tensor]:
     """(grad_sum + N(0, σ²C²) per coordinate) / expected_batch_size; call once per logical step.
 
     Noise is drawn in float32 on the generator's device, parameters in sorted-name order, so every
-    rank holding the same generator adds the same noise.
+    rank holding the same generator adds the same noise (and `generator.checksum` says so).
     """
     if not noise_multiplier >= 0:
         raise DpldmError(f"dp step: noise_multiplier must be >= 0; got {noise_multiplier!r}")
@@ -164,7 +163,7 @@ def add_noise_and_normalize(grad_sum: Mapping[str, Tensor], noise_multiplier: fl
     for name in sorted(grad_sum):
         g = grad_sum[name]
         if std > 0:
-            noise = torch.randn(g.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            noise = generator.normal(g.shape)
             g = g + (noise * std).to(device=g.device, dtype=g.dtype)
         out[name] = g / expected_batch_size
     return {k: out[k] for k in grad_sum}

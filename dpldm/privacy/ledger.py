@@ -28,6 +28,8 @@ from dpldm.errors import DpldmError, PrivacyBudgetExceeded
 from dpldm.privacy import accountant as _accountant
 
 LEDGER_FILE = "privacy.json"
+EXPLICIT_SEED_WARNING = ("EXPLICIT SEED: the noise and the Poisson batches are reproducible by whoever has the seed "
+                         "(it is in config.yaml); not a release")
 BUDGET_RTOL = 1e-6
 
 
@@ -56,6 +58,9 @@ class Ledger:
     dataset_size: int                     # N private examples
     expected_batch_size: float            # q·N: the divisor of the noised gradient sum
     clip_groups: list[str] = field(default_factory=list)  # per-group clipping (each C/√G); [] = flat
+    relation: str = "add_remove"          # neighbouring relation ε refers to: add_remove | replace_one
+    seed: str = "secret"                  # secret (OS CSPRNG, kept in RUN/private/) | explicit (not a release)
+    secure_rng: bool = False              # noise and sampling from a SHAKE-256 keystream (privacy.secure_rng)
     epsilon: float = 0.0                  # spent so far (after `steps` logical steps)
     steps: int = 0                        # logical steps taken
     sampling: str = "poisson"
@@ -73,6 +78,8 @@ class Ledger:
                              steps=self.steps, dataset_size=self.dataset_size)
         if self.noise_multiplier == 0:
             self.private = False
+        if self.seed == "explicit":
+            self._warn(EXPLICIT_SEED_WARNING)
         if not self.private and not any(w.startswith("NOT PRIVATE") for w in self.warnings):
             self._warn("NOT PRIVATE: noise multiplier is 0 (epsilon is infinite)" if self.noise_multiplier == 0
                        else "NOT PRIVATE: this run makes no differential-privacy guarantee")
@@ -90,7 +97,7 @@ class Ledger:
     def epsilon_after(self, steps: int) -> float:
         """ε the accountant gives for `steps` logical steps with this ledger's σ, q, δ."""
         return _accountant.epsilon(self.noise_multiplier, self.sample_rate, steps, self.delta,
-                                   self.accountant)
+                                   self.accountant, self.relation)
 
     def spend(self, steps_taken: int) -> float:
         """Record that `steps_taken` logical steps have been taken in total; return ε spent."""

@@ -27,19 +27,22 @@ from torch.func import functional_call
 from dpldm.config import Config, load_config, save_config
 from dpldm.data.latent_cache import LatentCache, ensure_cache
 from dpldm.data.poisson import PoissonSampler, split_for_rank
+from dpldm.distributed.agreement import cache_fingerprint, check_ranks_agree, check_same_value
 from dpldm.distributed.env import all_reduce_sum_, init_distributed
 from dpldm.errors import DpldmError
-from dpldm.models.diffusion_loss import _example_seed, diffusion_loss, example_draws
+from dpldm.models.diffusion_loss import diffusion_loss, example_draws
 from dpldm.privacy import accountant as acc
 from dpldm.privacy.dp_step import add_noise_and_normalize, assert_dp_compatible, clipped_grad_sum, noise_generator
-from dpldm.privacy.ledger import Ledger
+from dpldm.privacy.ledger import EXPLICIT_SEED_WARNING, Ledger
+from dpldm.privacy.run_seed import run_seed, seed_path
+from dpldm.rng import RunRandomness
 from dpldm.train.trainer import Trainer, log
 
 
 def example_flips(seed: int, step: int, indices) -> np.ndarray:
     """Which view (original / horizontally flipped) each example uses this step (data.flip)."""
-    return np.array([torch.rand((), generator=torch.Generator().manual_seed(
-        _example_seed(seed, step, int(i)) ^ 0x5F1F)).item() < 0.5 for i in indices], dtype=bool)
+    rng = RunRandomness(seed)
+    return np.array([rng.numpy("flip", step, int(i)).random() < 0.5 for i in indices], dtype=bool)
 
 
 class ConditionEncoder:
@@ -86,9 +89,10 @@ class ConditionEncoder:
 
 class FinetuneTrainer(Trainer):
     def __init__(self, cfg, run_dir, comps, cache: LatentCache, trainable, total_steps, env, ledger: Ledger,
-                 sampler: PoissonSampler, device):
+                 sampler: PoissonSampler, device, seed: int):
         super().__init__(cfg, run_dir, comps.unet, trainable, total_steps, env)
         self.comps, self.cache, self.ledger, self.sampler, self.device = comps, cache, ledger, sampler, device
+        self.seed = seed                      # the run's secret seed (dpldm/privacy/run_seed.py): never logged
         self.cond = ConditionEncoder(comps, cfg, cache, device)
         self.alphas = comps.scheduler.alphas_cumprod.to(device)
         self.private = cfg.privacy.enabled
@@ -127,31 +131,34 @@ class FinetuneTrainer(Trainer):
         cfg = self.cfg
         indices = self.sampler.next_indices()
         local = split_for_rank(indices, self.env.rank, self.env.world_size)
-        flips = example_flips(cfg.seed, step, local) if self.cache.flipped is not None else None
+        flips = example_flips(self.seed, step, local) if self.cache.flipped is not None else None
         batch = self.cache.get(local, flips)
-        t, noise, drop = example_draws(cfg.seed, step, local, cfg.privacy.noise_multiplicity,
+        t, noise, drop = example_draws(self.seed, step, local, cfg.privacy.noise_multiplicity,
                                        self.cache.latent_shape, self.comps.scheduler.config.num_train_timesteps,
                                        cfg.model.cond_dropout)
         cond = self.cond(batch, drop)
         tensors = (batch["latents"].to(self.device), cond, t.to(self.device), noise.to(self.device))
-        if self.private:
-            grad_sum, stats = clipped_grad_sum(self._loss_fn, self.engine.params(), tensors, self.clip,
-                                               cfg.train.microbatch_size, self.clip_groups)
-        else:
-            grad_sum, stats = self._plain_grad_sum(tensors)
-        counts = {"n": torch.tensor([float(stats["n"]), stats["loss_sum"]])}
-        all_reduce_sum_(grad_sum)
-        all_reduce_sum_(counts)
-        n_global, loss_global = int(counts["n"][0]), float(counts["n"][1])
         expected = cfg.privacy.expected_batch_size
-        if self.private:
-            grads = add_noise_and_normalize(grad_sum, self.sigma, self.clip, expected,
-                                            noise_generator(cfg.seed, step, device=self.device))
-        else:
-            grads = {k: v / expected for k, v in grad_sum.items()}
+        if not self.private:      # the No-DP baseline: exact loss and batch size are its to print
+            grad_sum, stats = self._plain_grad_sum(tensors)
+            counts = {"n": torch.tensor([float(stats["n"]), stats["loss_sum"]])}
+            all_reduce_sum_(grad_sum)
+            all_reduce_sum_(counts)
+            n_global, loss_global = int(counts["n"][0]), float(counts["n"][1])
+            self.engine.set_grads({k: v / expected for k, v in grad_sum.items()})
+            self.engine.step()
+            return {"loss": loss_global / n_global if n_global else float("nan"), "samples": n_global}
+        # private: the clipped sum's statistics (loss, norms, clipped count) and the drawn batch size are
+        # private and are dropped here; only the noised gradient leaves this method (privacy invariant 8)
+        grad_sum, _ = clipped_grad_sum(self._loss_fn, self.engine.params(), tensors, self.clip,
+                                       cfg.train.microbatch_size, self.clip_groups)
+        all_reduce_sum_(grad_sum)
+        noise = noise_generator(self.seed, step, device=self.device, secure=cfg.privacy.secure_rng)
+        grads = add_noise_and_normalize(grad_sum, self.sigma, self.clip, expected, noise)
+        check_same_value(f"finetune step {step}", noise.checksum)
         self.engine.set_grads(grads)
         self.engine.step()
-        return {"loss": loss_global / max(n_global, 1) if n_global else float("nan"), "samples": n_global}
+        return {"samples": expected}     # throughput from the expected batch size, not the drawn one
 
     def epsilon_at(self, steps: int) -> float:
         if self._eps_cache is None or self._eps_cache[0] != steps:
@@ -207,13 +214,15 @@ def plan(cfg: Config, n: int) -> tuple[float, int, float]:
         return q, steps, 0.0
     acc.validate(q, p.delta, noise_multiplier=p.noise_multiplier, steps=steps, dataset_size=n)
     sigma = p.noise_multiplier if p.noise_multiplier is not None else \
-        acc.noise_multiplier_for(p.target_epsilon, q, steps, p.delta, p.accountant)
+        acc.noise_multiplier_for(p.target_epsilon, q, steps, p.delta, p.accountant, p.relation)
     return q, steps, float(sigma)
 
 
 def new_ledger(cfg: Config, n: int, q: float, sigma: float) -> Ledger:
     p = cfg.privacy
     warnings = []
+    if cfg.seed is not None:
+        warnings.append(EXPLICIT_SEED_WARNING)
     if not p.enabled:
         warnings.append("NOT PRIVATE: privacy.enabled=false (no clipping, no noise): the No-DP baseline")
     elif sigma == 0:
@@ -221,8 +230,9 @@ def new_ledger(cfg: Config, n: int, q: float, sigma: float) -> Ledger:
     return Ledger(epsilon=0.0, delta=p.delta, target_epsilon=p.target_epsilon, accountant=p.accountant,
                   noise_multiplier=sigma, sample_rate=q, steps=0, max_grad_norm=p.max_grad_norm,
                   noise_multiplicity=p.noise_multiplicity, clip_groups=list(p.clip_groups), dataset_size=n,
-                  expected_batch_size=p.expected_batch_size,
-                  sampling="poisson", private=bool(p.enabled and sigma > 0), warnings=warnings, history=[])
+                  expected_batch_size=p.expected_batch_size, relation=p.relation,
+                  seed="secret" if cfg.seed is None else "explicit", secure_rng=p.secure_rng, sampling="poisson",
+                  private=bool(p.enabled and sigma > 0), warnings=warnings, history=[])
 
 
 def run_finetune(cfg: Config) -> Path:
@@ -233,7 +243,6 @@ def run_finetune(cfg: Config) -> Path:
 
     env = init_distributed(cfg.distributed.backend)
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output.dir)
     if not cfg.model.pretrained:
         raise DpldmError("model.pretrained: set it to a diffusers pipeline folder (Stable-Diffusion layout)")
@@ -242,12 +251,6 @@ def run_finetune(cfg: Config) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     comps = load_pipeline(cfg.model.pretrained, device=str(device))
     cache = ensure_cache(cfg, comps.vae, env, log=lambda m: log(m, env))
-    attach_adapter(comps.unet, cfg.adapter)
-    comps.unet.to(device)
-    trainable = trainable_named_parameters(comps.unet)
-    assert_dp_compatible(comps.unet)
-    log(parameter_table(comps.unet), env)
-
     n = len(cache)
     q, steps, sigma = plan(cfg, n)
     fresh = new_ledger(cfg, n, q, sigma)
@@ -256,17 +259,31 @@ def run_finetune(cfg: Config) -> Path:
         ledger = Ledger.load(run_dir)
         ledger.check_same_mechanism(**{k: getattr(fresh, k) for k in (
             "sample_rate", "noise_multiplier", "max_grad_norm", "clip_groups", "noise_multiplicity",
-            "dataset_size", "expected_batch_size", "accountant", "delta", "private")})
+            "dataset_size", "expected_batch_size", "accountant", "delta", "private", "relation", "seed",
+            "secure_rng")})
+        check_spent_steps_resumable(ledger, run_dir)
     if ledger.private:
         ledger.check_budget(steps)
+    seed, _ = run_seed(cfg.seed, run_dir, env)
+    torch.manual_seed(RunRandomness(seed).int_seed("init", env.rank))   # adapter init (data-independent)
+    attach_adapter(comps.unet, cfg.adapter)
+    comps.unet.to(device)
+    trainable = trainable_named_parameters(comps.unet)
+    assert_dp_compatible(comps.unet)
+    log(parameter_table(comps.unet), env)
     for w in dict.fromkeys(ledger.warnings):
         log(f"!!! {w}", env)
     groups = f" groups={cfg.privacy.clip_groups}" if cfg.privacy.clip_groups else ""
     log(f"finetune: N={n} q={q:.5g} steps={steps} sigma={sigma:.4g} C={cfg.privacy.max_grad_norm}{groups} "
-        f"K={cfg.privacy.noise_multiplicity} accountant={cfg.privacy.accountant} "
-        f"target eps={cfg.privacy.target_epsilon} delta={cfg.privacy.delta} ranks={env.world_size}", env)
-    sampler = PoissonSampler(n, q, cfg.seed)
-    trainer = FinetuneTrainer(cfg, run_dir, comps, cache, trainable, steps, env, ledger, sampler, device)
+        f"K={cfg.privacy.noise_multiplicity} accountant={cfg.privacy.accountant} ({cfg.privacy.relation}) "
+        f"target eps={cfg.privacy.target_epsilon} delta={cfg.privacy.delta} ranks={env.world_size} "
+        f"seed={'explicit' if cfg.seed is not None else 'secret'}{' secure_rng' if cfg.privacy.secure_rng else ''}",
+        env)
+    sampler = PoissonSampler(n, q, seed, secure=cfg.privacy.secure_rng)
+    trainer = FinetuneTrainer(cfg, run_dir, comps, cache, trainable, steps, env, ledger, sampler, device, seed)
+    check_ranks_agree("finetune start", {  # one example on two ranks, or two seeds, would break the sensitivity
+        "N": n, "cache": cache_fingerprint(cache), "seed": RunRandomness(seed).int_seed("agreement"),
+        "sampler": sampler.state_dict(), "sigma": sigma, "steps": steps})
     if env.is_main and trainer.cond.use_labels:  # the prompts `dpldm sample` must use for this run
         (run_dir / "classes.json").write_text(json.dumps(
             {"class_names": trainer.cond.class_names, "prompt_template": trainer.cond.template}, indent=2))
@@ -274,6 +291,26 @@ def run_finetune(cfg: Config) -> Path:
     if ledger.private:
         log(f"finetune: done, ({ledger.epsilon:.4g}, {ledger.delta:g})-DP spent ({ledger.accountant})", env)
     return run_dir
+
+
+def check_spent_steps_resumable(ledger: Ledger, run_dir: Path) -> None:
+    """A run directory whose ledger has spent steps must resume from a checkpoint at (or past) the ledger's step,
+    with its secret seed: a restart from step 0 would spend the budget again under a ledger that forgets the
+    first spending (and, with another seed or lr, release a second model trained on the same data)."""
+    if ledger.steps == 0:
+        return
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists())
+    last = int(ckpts[-1].name.split("-")[1]) if ckpts else None
+    problem = None
+    if last is None or last < ledger.steps:
+        problem = (f"no checkpoint at step >= {ledger.steps} in {run_dir / 'checkpoints'}"
+                   + (f" (newest: step {last})" if last is not None else ""))
+    elif not seed_path(run_dir).exists():
+        problem = f"its secret seed {seed_path(run_dir)} is missing"
+    if problem:
+        raise DpldmError(f"privacy ledger: {run_dir / 'privacy.json'} records {ledger.steps} spent steps "
+                         f"(epsilon {ledger.epsilon:.4g}) but {problem}: refusing to restart from step 0, which "
+                         "would spend the budget again; start a new run directory (output.dir=...)")
 
 
 def main(args) -> int:

@@ -26,7 +26,8 @@ from dpldm.errors import DpldmError
 from dpldm.models import pipeline as P
 from dpldm.models.diffusion_loss import diffusion_loss
 from dpldm.models.ema import EMA
-from dpldm.train.trainer import Trainer, log
+from dpldm.rng import RunRandomness
+from dpldm.train.trainer import Trainer, log, public_seed
 
 KL_WEIGHT = 1e-6          # on the per-example KL sum, relative to the per-example L1 sum (as SD's VAE)
 SCALE_SAMPLES = 512       # images used to measure the latent scaling factor
@@ -81,7 +82,7 @@ class PublicBatches:
         self.cfg, self.env, self.epoch = cfg, env, 0
         self._open = lambda epoch: stream_loader(
             cfg.data.public, cfg.data, resolution, channels, batch_size=cfg.data.batch_size // env.world_size,
-            rank=env.rank, world_size=env.world_size, epoch=epoch, seed=cfg.seed)
+            rank=env.rank, world_size=env.world_size, epoch=epoch, seed=public_seed(cfg))
         self._it = None
 
     def __next__(self) -> dict:
@@ -264,7 +265,7 @@ class UNetTrainer(Trainer):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             images = pipe(prompts, num_inference_steps=self.cfg.sample.steps,
                           guidance_scale=self.cfg.sample.guidance, output_type="pil",
-                          generator=torch.Generator().manual_seed(self.cfg.seed)).images
+                          generator=RunRandomness(public_seed(self.cfg)).torch("grid")).images
         path = self.run_dir / "samples" / f"step-{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         make_grid(images, columns=len(names) or 0).save(path)
@@ -288,9 +289,10 @@ def run_pretrain(cfg: Config, what: str) -> Trainer:
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
     cls = AutoencoderTrainer if what == "autoencoder" else UNetTrainer
-    torch.manual_seed(cfg.seed)                 # same initial weights on every rank
+    rng = RunRandomness(public_seed(cfg))
+    torch.manual_seed(rng.int_seed("init"))                # same initial weights on every rank
     trainer = cls(cfg, run_dir, env, device)
-    torch.manual_seed(cfg.seed + 1 + env.rank)  # different noise/dropout draws per rank
+    torch.manual_seed(rng.int_seed("train", env.rank))     # different noise/dropout draws per rank
     log(f"pretrain {what}: {sum(p.numel() for p in trainer.trainable.values()):,} trainable parameters, "
         f"{trainer.total_steps} steps, run dir {run_dir}", env)
     trainer.fit()

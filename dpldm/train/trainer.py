@@ -23,6 +23,7 @@ from torch import nn
 from dpldm.config import Config
 from dpldm.distributed.engine import make_engine
 from dpldm.distributed.env import DistEnv, barrier
+from dpldm.rng import RunRandomness
 
 # Exit code after a checkpoint written on SIGUSR1/SIGTERM: "preempted, re-run the same command to resume".
 EXIT_PREEMPTED = 75
@@ -32,6 +33,11 @@ KEEP_CHECKPOINTS = 2
 def log(msg: str, env: DistEnv | None = None) -> None:
     if env is None or env.is_main:
         print(msg, flush=True)
+
+
+def public_seed(cfg: Config) -> int:
+    """The seed of a run that sees public data only (pretraining): need not be secret, so reproducible (seed or 0)."""
+    return 0 if cfg.seed is None else cfg.seed
 
 
 def _fmt_time(seconds: float) -> str:
@@ -56,6 +62,7 @@ class Trainer:
         self.engine = make_engine(module, trainable, cfg.optim, cfg.distributed)
         self.step = 0
         self.samples_seen = 0
+        self.seed = public_seed(cfg)   # the run seed; a private run's trainer sets its secret one
         self._stop_signal: int | None = None
         self._last_ckpt_time = time.time()
 
@@ -122,7 +129,7 @@ class Trainer:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         if self.env.rank:  # rank 0's saved state; other ranks must keep drawing different numbers
-            torch.manual_seed(self.cfg.seed * 1_000_003 + self.env.rank * 7919 + self.step)
+            torch.manual_seed(RunRandomness(self.seed).int_seed("torch", self.env.rank, self.step))
         self.load_extra_state(state["extra"])
 
     def _checkpoint_due(self) -> bool:
@@ -170,8 +177,9 @@ class Trainer:
                 peak = ""
                 if torch.cuda.is_available():
                     peak = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-                loss_txt = f"{loss_sum / loss_n:.4f}" if loss_n else "-"
-                log(f"step {self.step}/{self.total_steps} | {rate:.1f} samples/s | loss {loss_txt}"
+                # a private fine-tune reports no loss (it is not DP) and counts expected, not drawn, samples
+                loss_txt = f" | loss {loss_sum / loss_n:.4f}" if loss_n else ""
+                log(f"step {self.step}/{self.total_steps} | {rate:.1f} samples/s{loss_txt}"
                     f"{self.progress_fields()}{peak} | ETA {_fmt_time(eta)}", self.env)
                 loss_sum, loss_n = 0.0, 0
             stop, due = self._agree(self._stop_signal is not None,
