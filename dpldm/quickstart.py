@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpldm.config import Config, apply_mapping, load_config, save_config
+from dpldm.errors import DpldmError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAPER_ROWS = [  # MNIST, eps = 10, delta = 1e-5 (DP-LoDA paper, Table IV; DPDM paper)
@@ -41,7 +42,7 @@ SELECTION_NOTE = (
     "used once, for this table.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """Sizes of every stage; `full` fits ~20 minutes on 2 CPU cores, `fast` ~3 minutes (CI smoke)."""
     public_n: int
@@ -60,6 +61,7 @@ class Plan:
     clf_seeds: int
     dpsgd_epochs: int
     epsilons: tuple = (10.0, 1.0)
+    public: str = "fashion"  # the public pretraining set: a key of PUBLIC_SETS
 
 
 FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pretrain_batch=64, ft_steps=80,
@@ -68,6 +70,12 @@ FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pre
 FAST = Plan(public_n=1000, private_n=1000, test_n=500, ae_steps=10, unet_steps=10, pretrain_batch=16, ft_steps=2,
             expected_batch=64, multiplicity=2, synthetic_n=100, baseline_n=100, sample_steps=4, clf_epochs=1,
             clf_seeds=1, dpsgd_epochs=1)
+
+
+# public pretraining sets: name -> (pack job in pack_sets, pretraining config, pipeline folder under --out)
+PUBLIC_SETS = {"fashion": ("fashion", "pretrain_fashion.yaml", "public"),
+               "glyphs": ("glyphs", "pretrain_glyphs.yaml", "public-glyphs")}
+GLYPHS_N = 30000   # glyphs:digits rendered for pretraining (full plan): ~50 s on 2 cores, more than 800 x 64 draws
 
 
 class Stage:
@@ -91,24 +99,34 @@ def pack_sets(out: Path, plan: Plan, names=("fashion", "private", "test")) -> di
     from dpldm.data.pack import pack
     jobs = {"fashion": ("fashion-mnist", "train", plan.public_n), "private": ("mnist", "train", plan.private_n),
             "test": ("mnist", "test", plan.test_n),   # public proxy for tuning (dpldm tune-proxy):
-            "digits": ("digits", "train", 0), "digits-test": ("digits", "test", 0)}
+            "digits": ("digits", "train", 0), "digits-test": ("digits", "test", 0),
+            "glyphs": ("glyphs:digits", "train", plan.public_n or GLYPHS_N)}
     paths = {}
     for name in names:
         source, split, limit = jobs[name]
-        paths[name] = out / "data" / f"{source}-{split}"
+        paths[name] = out / "data" / f"{source.replace(':', '-')}-{split}"
         pack(source, paths[name], split=split, limit=limit, shard_size=10000)
     return paths
 
 
 def pretrain_public(out: Path, data: dict, plan: Plan) -> Path:
-    """Autoencoder, then latent U-Net, on data['fashion'] (reused when done); returns the pipeline folder."""
+    """Autoencoder, then latent U-Net, on the plan's public set (data[PUBLIC_SETS[plan.public][0]]; reused when
+    done); returns the pipeline folder."""
     from dpldm.train.pretrain import run_pretrain
-    public = out / "public"
-    base = [f"data.public={data['fashion']}", f"output.dir={public}", f"model.vae={public / 'vae'}",
+    key, config, folder = public_set(plan)
+    public = out / folder
+    base = [f"data.public={data[key]}", f"output.dir={public}", f"model.vae={public / 'vae'}",
             f"data.batch_size={plan.pretrain_batch}", f"train.log_every={max(1, min(50, plan.unet_steps // 10))}"]
-    run_pretrain(load_config(CONFIGS / "pretrain_fashion.yaml", base + [f"train.steps={plan.ae_steps}"]), "autoencoder")
-    run_pretrain(load_config(CONFIGS / "pretrain_fashion.yaml", base + [f"train.steps={plan.unet_steps}"]), "unet")
+    run_pretrain(load_config(CONFIGS / config, base + [f"train.steps={plan.ae_steps}"]), "autoencoder")
+    run_pretrain(load_config(CONFIGS / config, base + [f"train.steps={plan.unet_steps}"]), "unet")
     return public / "pipeline"
+
+
+def public_set(plan: Plan) -> tuple[str, str, str]:
+    """(pack job, pretraining config, pipeline folder) of the plan's public set."""
+    if plan.public not in PUBLIC_SETS:
+        raise DpldmError(f"quickstart plan: public must be one of {list(PUBLIC_SETS)}; got {plan.public!r}")
+    return PUBLIC_SETS[plan.public]
 
 
 def finetune_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float) -> Config:
@@ -199,8 +217,8 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_start = time.time()
-    with Stage("pack public (Fashion-MNIST) and private (MNIST) shards", timings):
-        data = pack_sets(out, plan)
+    with Stage(f"pack public ({plan.public}) and private (MNIST) shards", timings):
+        data = pack_sets(out, plan, (public_set(plan)[0], "private", "test"))
     with Stage("pretrain autoencoder + latent U-Net on public data (no DP)", timings):
         pipeline = pretrain_public(out, data, plan)
     runs = []

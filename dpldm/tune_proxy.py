@@ -21,16 +21,20 @@ import time
 from pathlib import Path
 
 from dpldm.errors import DpldmError
-from dpldm.quickstart import FAST, FULL, Plan, Stage, finetune_cfg, finetuned, pack_sets, pretrain_public, sampled
+from dpldm.quickstart import (FAST, FULL, Plan, Stage, finetune_cfg, finetuned, pack_sets, pretrain_public, public_set,
+                              sampled)
 
 MNIST_TRAIN_N = 60000      # the private set's size in the full quickstart (public knowledge, recorded in its ledger)
 PROXY_SAMPLES = 500        # samples scored per candidate (full plan)
 SCORER_EPOCHS = 15         # the scorer trains on 1,347 real digits: seconds
 PROXY_SEEDS = 3            # downstream CNNs per candidate (seconds each on 500 samples)
 
-# name -> (config overrides, sampling guidance or None for the config's): one change from quickstart.yaml each
+# name -> (config overrides, sampling guidance or None for the config's): one change from quickstart.yaml each.
+# Overrides named "plan.X" change the quickstart Plan instead (e.g. the public pretraining set).
 CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "quickstart.yaml": ({}, None),
+    "fashion pretraining": ({"plan.public": "fashion"}, None),
+    "glyph pretraining": ({"plan.public": "glyphs"}, None),
     "guidance 2": ({}, 2.0),
     "guidance 8": ({}, 8.0),
     "C = 0.1": ({"privacy.max_grad_norm": 0.1}, None),
@@ -63,6 +67,17 @@ def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, nam
         "privacy.accountant": "rdp", "privacy.target_epsilon": 1e6,
         "data.cache_dir": str(out / "proxy" / "latent_cache"),
         "output.dir": str(out / "proxy" / f"{slug}-eps{eps:g}")}), sigma
+
+
+def split_overrides(plan: Plan, overrides: dict) -> tuple[Plan, dict]:
+    """(the plan with its "plan.X" overrides applied, the remaining config overrides)."""
+    from dataclasses import fields, replace
+    names = {f.name for f in fields(Plan)}
+    bad = [k for k in overrides if k.startswith("plan.") and k[5:] not in names]
+    if bad:
+        raise DpldmError(f"tune-proxy candidate: unknown plan field {bad[0]!r}; expected plan.<one of {sorted(names)}>")
+    return (replace(plan, **{k[5:]: v for k, v in overrides.items() if k.startswith("plan.")}),
+            {k: v for k, v in overrides.items() if not k.startswith("plan.")})
 
 
 def run_candidate(cfg, guidance: float | None, n: int) -> Path:
@@ -100,10 +115,14 @@ def main(args) -> int:
         raise DpldmError(f"--candidates: unknown {unknown}; expected some of {list(CANDIDATES)}")
     n = plan.synthetic_n if args.fast else PROXY_SAMPLES
     timings: dict[str, float] = {}
-    with Stage("pack public sets (Fashion-MNIST, scikit-learn digits)", timings):
-        data = pack_sets(out, plan, ("fashion", "digits", "digits-test"))
-    with Stage("pretrain (or reuse) the public pipeline", timings):
-        pipeline = pretrain_public(out, data, plan)
+    plans = {c: split_overrides(plan, CANDIDATES[c][0])[0] for c in names}
+    sets = list(dict.fromkeys(public_set(p)[0] for p in plans.values()))
+    with Stage(f"pack public sets ({', '.join(sets)}, scikit-learn digits)", timings):
+        data = pack_sets(out, plan, (*sets, "digits", "digits-test"))
+    pipelines = {}
+    for p in dict.fromkeys(plans.values()):
+        with Stage(f"pretrain (or reuse) the public pipeline on {p.public}", timings):
+            pipelines[p] = pretrain_public(out, data, p)
     with Stage("scorer: CNN on real digits train", timings):
         x_tr, y_tr = load_shards(str(data["digits"]), channels=1, resolution=28)
         x_te, y_te = load_shards(str(data["digits-test"]), channels=1, resolution=28)
@@ -114,9 +133,10 @@ def main(args) -> int:
     rows = []
     for eps in args.epsilons:
         for name in names:
-            overrides, guidance = CANDIDATES[name]
-            cfg, sigma = proxy_cfg(out, pipeline, data, plan, eps, name if guidance is None else "quickstart.yaml",
-                                   overrides)
+            cand_plan, overrides = split_overrides(plan, CANDIDATES[name][0])
+            guidance = CANDIDATES[name][1]
+            cfg, sigma = proxy_cfg(out, pipelines[cand_plan], data, cand_plan, eps,
+                                   name if guidance is None else "quickstart.yaml", overrides)
             t0 = time.time()
             with Stage(f"proxy candidate '{name}' (sigma {sigma:.3f} of the eps={eps:g} private run)", timings):
                 shards = run_candidate(cfg, guidance, n)
@@ -124,7 +144,7 @@ def main(args) -> int:
             down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=plan.clf_epochs, seeds=PROXY_SEEDS)
             rows.append({"candidate": name, "epsilon": eps, "sigma": sigma, "agreement": accuracy(scorer, xs, ys),
                          "downstream": down["mean"], "n": len(xs), "seconds": round(time.time() - t0, 1),
-                         "overrides": overrides, "guidance": guidance})
+                         "overrides": CANDIDATES[name][0], "guidance": guidance})
             print(f"proxy: {name:<16} eps={eps:g} agreement {100 * rows[-1]['agreement']:.1f}% "
                   f"downstream {100 * down['mean']:.1f}%", flush=True)
     first = [r for r in rows if r["epsilon"] == args.epsilons[0]]

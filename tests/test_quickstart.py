@@ -41,3 +41,17 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already packed" in again.stdout
     assert "sample: wrote" not in again.stdout          # samples with the same n and settings are reused
+
+
+def test_public_sets_pack_under_plain_names_and_unknown_sets_are_refused(tmp_path):
+    from dataclasses import replace
+
+    from dpldm.errors import DpldmError
+    from dpldm.quickstart import FAST, PUBLIC_SETS, pack_sets, public_set
+    plan = replace(FAST, public_n=20, public="glyphs")
+    assert public_set(plan) == PUBLIC_SETS["glyphs"] and public_set(FAST)[1] == "pretrain_fashion.yaml"
+    data = pack_sets(tmp_path, plan, ("glyphs",))
+    assert data["glyphs"] == tmp_path / "data" / "glyphs-digits-train"     # no ':' in the folder name
+    assert json.loads((data["glyphs"] / "dataset.json").read_text())["count"] == 20
+    with pytest.raises(DpldmError, match="public must be one of"):
+        public_set(replace(FAST, public="svhn"))

@@ -45,3 +45,18 @@ def test_tune_proxy_fast_uses_public_data_and_the_private_runs_noise(tmp_path):
         assert 0.0 <= r["agreement"] <= 1.0 and r["n"] == FAST.synthetic_n
     # nothing private was packed: only the public pretraining set and the proxy
     assert sorted(p.name for p in (out / "data").iterdir()) == ["digits-test", "digits-train", "fashion-mnist-train"]
+
+
+def test_plan_candidates_change_the_plan_and_config_candidates_the_config():
+    from dataclasses import replace
+
+    from dpldm.errors import DpldmError
+    from dpldm.quickstart import FULL
+    from dpldm.tune_proxy import CANDIDATES, split_overrides
+    plan, rest = split_overrides(FULL, {"plan.public": "glyphs", "optim.lr": 0.1})
+    assert plan == replace(FULL, public="glyphs") and rest == {"optim.lr": 0.1}
+    assert split_overrides(FULL, CANDIDATES["quickstart.yaml"][0]) == (FULL, {})
+    assert {split_overrides(FULL, CANDIDATES[c][0])[0].public for c in ("fashion pretraining", "glyph pretraining")} \
+        == {"fashion", "glyphs"}
+    with pytest.raises(DpldmError, match="plan.unet_stepz"):
+        split_overrides(FULL, {"plan.unet_stepz": 10})
