@@ -1,0 +1,61 @@
+"""Privacy invariant 9 on two real gloo ranks: a stale or node-local latent cache, or a rank drawing other
+noise, stops the run on every rank with a one-line error; agreeing ranks pass."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiny import finetune_config, make_mnist_shards, make_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "agreement_worker.py"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    from dpldm.data.latent_cache import ensure_cache
+    from dpldm.models.pipeline import load_pipeline
+    tmp = tmp_path_factory.mktemp("agree")
+    pipe, shards = make_tiny_pipeline(tmp / "pipe"), make_mnist_shards(tmp / "mnist", n=32)
+    cache = ensure_cache(finetune_config(tmp, pipe, shards), load_pipeline(pipe).vae)
+    stale = Path(f"{cache.path}_stale")
+    shutil.copytree(cache.path, stale)
+    labels = np.load(stale / "labels.npy")
+    np.save(stale / "labels.npy", np.roll(labels, 1))        # same size and keys, other contents
+    return cache.path
+
+
+def _torchrun(cache: Path, mode: str) -> subprocess.CompletedProcess:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), str(WORKER), "--cache", str(cache), "--mode", mode],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_agreeing_ranks_pass(cache_dir):
+    out = _torchrun(cache_dir, "ok")
+    assert out.returncode == 0 and out.stdout.count("AGREED") == 2, out.stdout + out.stderr[-2000:]
+
+
+def test_ranks_with_mismatched_caches_refuse(cache_dir):
+    out = _torchrun(cache_dir, "cache")
+    assert out.returncode != 0 and out.stdout.count("REFUSED") == 2, out.stdout + out.stderr[-2000:]
+    assert "ranks disagree on cache" in out.stdout and "AGREED" not in out.stdout
+
+
+def test_ranks_drawing_different_noise_refuse(cache_dir):
+    out = _torchrun(cache_dir, "noise")
+    assert out.returncode != 0 and out.stdout.count("REFUSED") == 2, out.stdout + out.stderr[-2000:]
+    assert "ranks drew different noise" in out.stdout
