@@ -115,7 +115,8 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
         "max_grad_norm": max_grad_norm, "expected_batch_size": expected_batch_size, "dataset_size": n,
         "epochs": epochs, "lr": lr, "optimizer": optimizer, "arch": arch, "width": width,
         "seconds": seconds, "images_per_s": steps * expected_batch_size / max(seconds, 1e-9),
-        "secret_seed": not explicit, "warnings": [EXPLICIT_SEED_WARNING] if explicit else [],
+        "relation": "add_remove", "seed": "explicit" if explicit else "secret",
+        "warnings": [EXPLICIT_SEED_WARNING] if explicit else [],
     }
     net = model._module if hasattr(model, "_module") else model
     return net.eval(), ledger

@@ -1,20 +1,24 @@
-"""Evaluation reports: report.json + report.md with sample grids, the results table, each run's
-privacy ledger (loud NOT PRIVATE marking) and a privacy–utility plot.
+"""Evaluation reports: report.json + report.md with the results table, the total privacy cost of everything
+published (DESIGN invariant 10), the privacy–utility plot, sample grids labelled by class, each run's privacy
+ledger (loud NOT PRIVATE / explicit-seed marking), set sizes and stage timings as tables.
 
     rows = [row_from_ledger("DP-LDM (loda)", read_ledger(run), acc, fid), ...]
     write_report("runs/x/report", rows, runs=["runs/x"], paper_rows=[...], selection_note="...")
 
 A row is a dict: method, epsilon, delta, accountant, sampling, private, acc_mean, acc_std, acc_runs,
-fid, fid_n, notes, warnings, run (all optional but method).
+fid, fid_n, notes, warnings, run, trainings (all optional but method). `trainings` lists the ledgers of
+every model the row stands for (e.g. one DP-SGD classifier per seed): the total cost counts each.
+A row with ε = 0 uses no private data (`zero_cost_row`): it is a baseline the private rows must beat.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 from dpldm.errors import DpldmError
+from dpldm.eval import total_cost as tc
+from dpldm.eval.report_figures import grid_for, plot_privacy_utility
 
 PRIVACY_SCOPE = ("The (ε, δ) guarantee covers the private fine-tuning data only: each private example's "
                  "influence on the released model and samples is bounded. It says nothing about the public "
@@ -43,8 +47,9 @@ def is_private(ledger: dict) -> bool:
 
 
 def row_from_ledger(method: str, ledger: dict, acc: dict | None = None, fid: dict | None = None,
-                    run: str = "", notes: str = "") -> dict:
-    """One table row from a ledger, an evaluate_synthetic result and a FID result."""
+                    run: str = "", notes: str = "", ledgers: list[dict] | None = None) -> dict:
+    """One table row from a ledger, an evaluate_synthetic result and a FID result. `ledgers`: the ledgers of
+    every model the row stands for (default: [ledger]); the report's total cost counts each."""
     private = is_private(ledger)
     row = {
         "method": method, "run": run, "private": private,
@@ -52,7 +57,11 @@ def row_from_ledger(method: str, ledger: dict, acc: dict | None = None, fid: dic
         "delta": ledger.get("delta"), "accountant": ledger.get("accountant", ""),
         "sampling": ledger.get("sampling", ""), "noise_multiplier": ledger.get("noise_multiplier"),
         "sample_rate": ledger.get("sample_rate"), "steps": ledger.get("steps"),
-        "warnings": list(ledger.get("warnings", []) or []), "notes": notes,
+        "relation": ledger.get("relation", "add_remove"), "seed": ledger.get("seed", ""),
+        "warnings": list(dict.fromkeys(w for led in (ledgers or [ledger]) for w in led.get("warnings", []) or [])),
+        "notes": notes,
+        "trainings": [tc.training(led) for led in (ledgers or [ledger]) if is_private(led)
+                      and float(led["epsilon"]) > 0],
     }
     if acc:
         row.update(acc_mean=acc["mean"], acc_std=acc["std"], acc_runs=acc.get("runs", []),
@@ -62,10 +71,20 @@ def row_from_ledger(method: str, ledger: dict, acc: dict | None = None, fid: dic
     return row
 
 
+def zero_cost_row(method: str, acc: dict | None = None, notes: str = "") -> dict:
+    """A baseline that uses no private data (ε = 0): the pretrained model only, a classifier trained on the
+    public data. Every private row must beat it to earn its privacy cost."""
+    return row_from_ledger(method, {"epsilon": 0.0, "delta": 0.0, "private": True, "accountant": "none",
+                                    "sampling": "none", "steps": 0, "dataset_size": 0,
+                                    "warnings": ["uses no private data"]}, acc, notes=notes)
+
+
 def _fmt_eps(e) -> str:
     if e is None:
         return "–"
-    return "∞ (no DP)" if not math.isfinite(float(e)) else f"{float(e):.3g}"
+    if not math.isfinite(float(e)):
+        return "∞ (no DP)"
+    return "0 (no private data)" if float(e) == 0 else f"{float(e):.3g}"
 
 
 def _fmt_acc(r: dict) -> str:
@@ -73,51 +92,6 @@ def _fmt_acc(r: dict) -> str:
         return "–"
     s = f"{100 * r['acc_mean']:.1f}"
     return s + (f" ± {100 * r['acc_std']:.1f}" if r.get("acc_std") else "")
-
-
-def _copy_grid(run: Path, out: Path) -> str | None:
-    src = run / "samples" / "grid.png"
-    if not src.is_file():
-        return None
-    dst = out / "grids" / f"{run.name}.png"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    return str(dst.relative_to(out))
-
-
-def plot_privacy_utility(rows: list[dict], path: Path) -> bool:
-    """Accuracy vs ε (log x) per method; non-private rows as dashed lines. False if < 2 points."""
-    pts = [r for r in rows if r.get("acc_mean") is not None and r.get("epsilon") is not None]
-    if len(pts) < 2:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    finite = [r for r in pts if math.isfinite(float(r["epsilon"]))]
-    methods = list(dict.fromkeys(r["method"] for r in finite))
-    for m in methods:
-        rs = sorted((r for r in finite if r["method"] == m), key=lambda r: float(r["epsilon"]))
-        paper = any(r.get("paper") for r in rs)
-        ax.errorbar([float(r["epsilon"]) for r in rs], [100 * r["acc_mean"] for r in rs],
-                    yerr=[100 * (r.get("acc_std") or 0) for r in rs], capsize=3,
-                    fmt="x" if paper else "o-", label=f"{m} (paper)" if paper else m)
-    for r in pts:
-        if not math.isfinite(float(r["epsilon"])):
-            ax.axhline(100 * r["acc_mean"], ls="--", lw=1, color="gray", label=f"{r['method']} (no DP)")
-    if finite:
-        ax.set_xscale("log")
-    ax.set_xlabel("ε (δ as in the table)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("privacy–utility")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def write_report(out_dir: str | Path, rows: list[dict], runs: list[str | Path] = (),
@@ -135,16 +109,19 @@ def write_report(out_dir: str | Path, rows: list[dict], runs: list[str | Path] =
         run = Path(run)
         ledger = read_ledger(run)
         run_info.append({"run": str(run), "private": is_private(ledger), "ledger": ledger,
-                         "grid": _copy_grid(run, out)})
+                         "no_private_data": is_private(ledger) and float(ledger["epsilon"]) == 0,
+                         "explicit_seed": tc.has_explicit_seed(ledger), "grid": grid_for(run, out)})
     paper_rows = [dict(r, paper=True, notes=r.get("notes", "published")) for r in (paper_rows or [])]
     all_rows = list(rows) + paper_rows
     plot = "privacy_utility.png" if plot_privacy_utility(all_rows, out / "privacy_utility.png") else None
     not_private = [r for r in rows if r.get("private") is False] + [i for i in run_info if not i["private"]]
     report = {
         "title": title, "rows": rows, "paper_rows": paper_rows, "runs": run_info, "plot": plot,
+        "total_privacy_cost": tc.total_cost(rows, {i["run"]: i["ledger"] for i in run_info}),
         "privacy_scope": PRIVACY_SCOPE,
         "selection_on_private_data": selection_note or SELECTION_DEFAULT,
-        "set_sizes": set_sizes or {}, "discussion": discussion, "not_private": sorted({str(r.get("run") or r.get("method")) for r in not_private}),
+        "set_sizes": set_sizes or {}, "discussion": discussion,
+        "not_private": sorted({str(r.get("run") or r.get("method")) for r in not_private}),
     }
     (out / "report.json").write_text(json.dumps(_strict_json(report), indent=2, default=str, allow_nan=False))
     (out / "report.md").write_text(_markdown(report))
@@ -162,41 +139,111 @@ def _strict_json(obj):
     return obj
 
 
+def _fmt_num(x) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _flag(r: dict) -> str:
+    return " **⚠ EXPLICIT SEED: not a release**" if tc.has_explicit_seed(r) else ""
+
+
+def _notes(r: dict) -> str:
+    """Notes of a row: NOT PRIVATE once (bold), explicit seed loudly, then the notes and other warnings."""
+    warnings = list(dict.fromkeys(r.get("warnings", []) or []))
+    loud = [f"**{w}**" for w in warnings if w.startswith("NOT PRIVATE") or "explicit seed" in w.lower()]
+    if r.get("private") is False and not any(w.startswith("NOT PRIVATE") for w in warnings):
+        loud.insert(0, "**NOT PRIVATE**")
+    quiet = [w for w in warnings if not (w.startswith("NOT PRIVATE") or "explicit seed" in w.lower())]
+    if len(r.get("trainings") or []) > 1:
+        quiet.insert(0, f"{len(r['trainings'])} models trained, each at this ε (all counted in the total)")
+    return "; ".join(x for x in [*loud, r.get("notes", ""), *quiet] if x)
+
+
+def _run_status(info: dict) -> str:
+    if not info["private"]:
+        return "**NOT PRIVATE**"
+    if info["no_private_data"]:
+        return "uses no private data, ε = 0"
+    return "private" + _flag(info["ledger"])
+
+
+def _tables(rep: dict) -> list[str]:
+    """Set sizes and stage timings, each as a table."""
+    sizes = dict(rep["set_sizes"])
+    timings = sizes.pop("timings_s", None)
+    lines = []
+    if sizes:
+        lines += ["", "## Set sizes", "", "| set | size |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sizes.items()]
+        lines += ["", "FID on fewer than 10k images is biased upward: compare only at equal sizes."]
+    if isinstance(timings, dict) and timings:
+        lines += ["", "## Stage timings", "", "| stage | seconds | minutes |", "|---|---:|---:|"]
+        for k, v in timings.items():
+            cells = [f"{float(v):.0f}", f"{float(v) / 60:.1f}"] if isinstance(v, (int, float)) else [str(v), ""]
+            name = f"**{k}**" if k == "total" else k
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def _zero_cost_check(rep: dict) -> list[str]:
+    """Which private rows do not beat the best zero-privacy-cost (ε = 0) baseline."""
+    zero = [r for r in rep["rows"] if tc.row_kind(r) == "no_private_data" and r.get("acc_mean") is not None]
+    if not zero:
+        return []
+    best = max(zero, key=lambda r: r["acc_mean"])
+    below = [r for r in rep["rows"] if tc.row_kind(r) == "private" and r.get("acc_mean") is not None
+             and r["acc_mean"] <= best["acc_mean"]]
+    line = (f"Best zero-privacy-cost baseline (ε = 0, no private data): {best['method']}, "
+            f"{100 * best['acc_mean']:.1f}%. ")
+    line += ("Every private row beats it." if not below else "**Private rows that do NOT beat it (their privacy cost "
+             "buys nothing here): " + ", ".join(f"{r['method']} at ε = {_fmt_eps(r['epsilon'])} "
+                                               f"({100 * r['acc_mean']:.1f}%)" for r in below) + ".**")
+    return ["", line]
+
+
 def _markdown(rep: dict) -> str:
     lines = [f"# {rep['title']}", ""]
     for info in rep["runs"]:
         if not info["private"]:
             lines += [f"> **⚠ NOT PRIVATE: run `{info['run']}` has no finite ε (ledger private=false). "
                       "Its samples carry no differential-privacy guarantee.**", ""]
+        elif info["explicit_seed"]:
+            lines += [f"> **⚠ EXPLICIT SEED: run `{info['run']}` drew its noise from an explicit seed: whoever has "
+                      "the seed can remove the noise. Not a release.**", ""]
     lines += ["## Results", "", "| method | ε | δ | accountant | sampling | accuracy (%) mean ± std | FID (n) | notes |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rep["rows"] + rep["paper_rows"]:
         fid = f"{r['fid']:.1f} ({r.get('fid_n', '?')})" if r.get("fid") is not None else "–"
-        notes = "; ".join(x for x in [("**NOT PRIVATE**" if r.get("private") is False else ""), r.get("notes", ""),
-                                      *r.get("warnings", [])] if x)
-        lines.append(f"| {r['method']} | {_fmt_eps(r.get('epsilon'))} | {r.get('delta') if r.get('delta') is not None else '–'} "
-                     f"| {r.get('accountant') or '–'} | {r.get('sampling') or '–'} | {_fmt_acc(r)} | {fid} | {notes} |")
-    if rep["set_sizes"]:
-        lines += ["", "Set sizes: " + ", ".join(f"{k} = {v}" for k, v in rep["set_sizes"].items())
-                  + ". FID on fewer than 10k images is biased upward: compare only at equal sizes."]
+        delta = r.get("delta") if r.get("delta") is not None and tc.row_kind(r) != "no_private_data" else "–"
+        acct, sampling = (r.get(k) if r.get(k) not in ("none", "") else None for k in ("accountant", "sampling"))
+        lines.append(f"| {r['method']} | {_fmt_eps(r.get('epsilon'))}{_flag(r)} | {delta} "
+                     f"| {acct or '–'} | {sampling or '–'} | {_fmt_acc(r)} | {fid} | {_notes(r)} |")
+    lines += _zero_cost_check(rep)
+    lines += [""] + tc.markdown(rep["total_privacy_cost"])
     if rep.get("discussion"):
-        lines += ["", "## Reading the results", "", rep["discussion"]]
+        lines += ["## Reading the results", "", rep["discussion"], ""]
     if rep["plot"]:
-        lines += ["", "## Privacy–utility", "", f"![accuracy vs epsilon]({rep['plot']})"]
-    lines += ["", "## Runs", ""]
+        lines += ["## Privacy–utility", "", f"![accuracy vs epsilon]({rep['plot']})", "",
+                  "ε on a log axis; rows with ε = 0 (no private data) and with no DP (ε = ∞) are horizontal "
+                  "reference lines.", ""]
+    lines += ["## Runs", ""]
     for info in rep["runs"]:
         led = info["ledger"]
-        status = "private" if info["private"] else "**NOT PRIVATE**"
-        lines.append(f"### `{info['run']}` ({status})")
-        lines.append("")
-        lines.append(f"ε = {_fmt_eps(led.get('epsilon'))}, δ = {led.get('delta')}, accountant = {led.get('accountant')}, "
-                     f"sampling = {led.get('sampling')}, σ = {led.get('noise_multiplier')}, q = {led.get('sample_rate')}, "
-                     f"steps = {led.get('steps')}")
-        for w in led.get("warnings", []) or []:
-            lines.append(f"- ⚠ {w}")
+        lines += [f"### `{info['run']}` ({_run_status(info)})", ""]
+        if info["no_private_data"]:
+            lines.append("ε = 0: " + ("; ".join(led.get("warnings", []) or []) or "uses no private data"))
+        else:
+            lines.append(f"ε = {_fmt_eps(led.get('epsilon'))}, δ = {led.get('delta')}, accountant = "
+                         f"{led.get('accountant')}, relation = {led.get('relation', 'add_remove')}, sampling = "
+                         f"{led.get('sampling')}, σ = {_fmt_num(led.get('noise_multiplier'))}, q = "
+                         f"{_fmt_num(led.get('sample_rate'))}, "
+                         f"steps = {led.get('steps')}")
+            for w in dict.fromkeys(led.get("warnings", []) or []):
+                lines.append(f"- ⚠ {w}")
         if info["grid"]:
             lines += ["", f"![samples of {info['run']}]({info['grid']})"]
         lines.append("")
-    lines += ["## What ε covers", "", rep["privacy_scope"], "",
+    lines += _tables(rep)
+    lines += ["", "## What ε covers", "", rep["privacy_scope"], "",
               "## Selection on private data", "", rep["selection_on_private_data"], ""]
     return "\n".join(lines)
