@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--delta", type=float, required=True)
         sp.add_argument("--dataset-size", type=int, default=None, help="N, to check delta < 1/N")
         sp.add_argument("--accountant", choices=["rdp", "prv", "pld", "dpa_rdp"], default="prv")
+        sp.add_argument("--relation", choices=["add_remove", "replace_one"], default="add_remove",
+                        help="neighbouring relation (replace_one needs --accountant pld)")
         sp.set_defaults(handler="dpldm.privacy.accountant:main")
 
     au = verbs.add_parser("audit", help="empirical privacy audit with canaries")

@@ -113,3 +113,20 @@ def test_cli_zero_noise_says_inf_and_bad_values_exit_2(capsys):
     assert cli(["privacy", "noise", "--epsilon", "1", "--sample-rate", "2", "--steps", "5",
                 "--delta", "1e-5"]) == 2
     assert "sample_rate must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_replace_one_costs_more_than_add_remove_and_calibrates(capsys):
+    """Under replace-one (same N, one example swapped) the same mechanism spends more ε; calibration inverts it,
+    and only the PLD accountant is accepted for it."""
+    q, steps = 512 / 60000, 80
+    sigma = noise_multiplier_for(1.0, q, steps, DELTA, "pld", "replace_one")
+    assert epsilon(sigma, q, steps, DELTA, "pld", "replace_one") <= 1.0
+    assert epsilon(sigma * 0.99, q, steps, DELTA, "pld", "replace_one") > 1.0
+    assert epsilon(sigma, q, steps, DELTA, "pld", "add_remove") < 0.95
+    assert sigma > noise_multiplier_for(1.0, q, steps, DELTA, "pld", "add_remove")
+    with pytest.raises(DpldmError, match="accountant 'prv' supports relation add_remove only"):
+        epsilon(sigma, q, steps, DELTA, "prv", "replace_one")
+    rc = cli(["privacy", "epsilon", "--noise-multiplier", str(sigma), "--sample-rate", str(q), "--steps", "80",
+               "--delta", "1e-5", "--accountant", "pld", "--relation", "replace_one"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["relation"] == "replace_one" and out["epsilon"] <= 1.0
