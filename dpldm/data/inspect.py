@@ -1,8 +1,16 @@
 """`dpldm data inspect SHARDS`: sample count, class histogram, image sizes and modes, caption count,
-unreadable samples, and a grid PNG of the first images (default DIR/inspect_grid.png)."""
+unreadable samples, and a grid PNG of the first images (default DIR/inspect_grid.png).
+
+Its outputs are the data itself: the grid shows real images and the histogram is an exact, un-noised statistic
+of the set. On private data both are private and must never be published (docs/privacy.md, "Release checklist");
+every run prints PRIVATE_OUTPUT_WARNING. A set marked private (`"private": true` in DIR/dataset.json) gets no
+default grid: pass --grid PATH to write one, to a private place.
+"""
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -11,9 +19,27 @@ from dpldm.data.stream import BadSample, expand_shards, reader_records, record_l
 from dpldm.errors import DpldmError
 
 
+PRIVATE_OUTPUT_WARNING = ("data inspect: WARNING: the grid shows real images and the histogram exact label counts; "
+                          "for private data both are private: never publish them")
+
+
+def marked_private(pattern: str, shards: list[str]) -> bool:
+    """True when the set's dataset.json (next to the shards) says `"private": true`."""
+    base = pattern if os.path.isdir(pattern) else os.path.dirname(shards[0]) if shards else ""
+    meta = Path(base) / "dataset.json"
+    if not base or not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("private") is True
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
 def inspect_shards(pattern: str, grid_path: str = "", grid_count: int = 64) -> dict:
-    """Read every sample once (undecoded sizes come from the image headers); returns the summary."""
+    """Read every sample once (undecoded sizes come from the image headers); returns the summary.
+    grid_path "" = DIR/inspect_grid.png, or no grid at all when the set is marked private."""
     shards = expand_shards(pattern)
+    private = marked_private(pattern, shards)
     labels: Counter = Counter()
     sizes: Counter = Counter()
     count = captions = unlabeled = 0
@@ -42,17 +68,17 @@ def inspect_shards(pattern: str, grid_path: str = "", grid_count: int = 64) -> d
             captions += 1
         if len(grid_images) < grid_count:
             grid_images.append(img)
-    if grid_path == "":
+    if grid_path == "" and not private:
         base = pattern if os.path.isdir(pattern) else os.path.dirname(shards[0]) if not shards[0].startswith("pipe:") else "."
         grid_path = os.path.join(base, "inspect_grid.png")
-    if grid_images:
+    if grid_images and grid_path:
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
         make_grid(grid_images).save(grid_path)
     elif count == 0 and not bad:
         raise DpldmError(f"data inspect: {pattern} holds no samples")
     return {"shards": len(shards), "count": count, "labels": dict(sorted(labels.items())),
             "unlabeled": unlabeled, "captions": captions, "sizes": dict(sizes.most_common()),
-            "bad": bad, "grid": grid_path if grid_images else ""}
+            "bad": bad, "grid": grid_path if grid_images and grid_path else "", "private": private}
 
 
 def format_summary(s: dict) -> str:
@@ -66,10 +92,13 @@ def format_summary(s: dict) -> str:
     if s["bad"]:
         lines.append(f"unreadable: {len(s['bad'])}, first: {s['bad'][0].message()}")
     if s["grid"]:
-        lines.append(f"grid:     {s['grid']}")
+        lines.append(f"grid:     {s['grid']} (real images: private if the set is)")
+    elif s.get("private"):
+        lines.append("grid:     not written: the set is marked private (dataset.json); --grid PATH writes one")
     return "\n".join(lines)
 
 
 def main(args) -> int:
+    print(PRIVATE_OUTPUT_WARNING, file=sys.stderr, flush=True)
     print(format_summary(inspect_shards(args.shards, args.grid)))
     return 0

@@ -1,0 +1,33 @@
+"""`dpldm data inspect` says its outputs are private and writes no default grid for a set marked private."""
+import json
+
+import pytest
+import torch
+
+from dpldm.cli import main as cli
+from dpldm.data.inspect import PRIVATE_OUTPUT_WARNING
+from dpldm.eval.shards import write_shards
+
+
+@pytest.fixture
+def shards(tmp_path):
+    write_shards(torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 1, 2, 2, 2]), tmp_path / "set")
+    return tmp_path / "set"
+
+
+def test_inspect_warns_that_its_outputs_are_private(shards, capsys):
+    assert cli(["data", "inspect", str(shards)]) == 0
+    out, err = capsys.readouterr()
+    assert PRIVATE_OUTPUT_WARNING in err and len(PRIVATE_OUTPUT_WARNING.splitlines()) == 1
+    assert "never publish" in PRIVATE_OUTPUT_WARNING
+    assert "0: 1, 1: 2, 2: 3" in out and (shards / "inspect_grid.png").exists()   # unmarked set: as before
+
+
+def test_a_set_marked_private_gets_no_default_grid(shards, tmp_path, capsys):
+    (shards / "dataset.json").write_text(json.dumps({"source": "x", "private": True}))
+    assert cli(["data", "inspect", str(shards)]) == 0
+    out, err = capsys.readouterr()
+    assert not (shards / "inspect_grid.png").exists() and "not written: the set is marked private" in out
+    assert PRIVATE_OUTPUT_WARNING in err
+    assert cli(["data", "inspect", str(shards), "--grid", str(tmp_path / "private" / "g.png")]) == 0
+    assert (tmp_path / "private" / "g.png").exists()                             # explicit path: written
