@@ -147,3 +147,29 @@ def test_export_attention_adapter_folder(tmp_path, base):
     pipe = diffusers.DiffusionPipeline.from_pretrained(out)
     assert type(pipe.unet) is diffusers.UNet2DConditionModel
     torch.testing.assert_close(unet_out(pipe.unet), unet_out(adapted), atol=1e-5, rtol=1e-5)
+
+
+def test_class_names_derived_from_private_labels_are_left_out_and_said_so(tmp_path, base, capsys):
+    """Issue 11 §9: a classes.json written from the private labels alone ("0".."K-1") is not exported; the
+    export's dpldm.json names what was omitted. Names from the config or the pipeline are public and kept."""
+    import json
+
+    from dpldm.config import load_config
+    from dpldm.models.export import public_classes
+    unet = P.load_pipeline(base).unet
+    trained = {n: p.detach() + 0.01 for n, p in unet.named_parameters() if ".attn2." in n}
+    run = make_run(tmp_path, base, "attention", trained)
+    cfg = load_config(run / "config.yaml")
+    cfg.model.class_names = []
+    save_config(cfg, run / "config.yaml")
+    (run / "classes.json").write_text(json.dumps({"class_names": ["0", "1", "2"], "prompt_template": "{name}"}))
+    out = tmp_path / "exported"
+    assert cli_main(["export", str(run), "--out", str(out)]) == 0
+    meta = json.loads((out / "dpldm.json").read_text())
+    assert not meta.get("class_names") and "derived from the private labels" in meta["omitted"][0]
+    assert "omitted classes.json" in capsys.readouterr().out
+    pipeline_meta = {"class_names": ["a", "b", "c"]}
+    (run / "classes.json").write_text(json.dumps({"class_names": ["a", "b", "c"], "prompt_template": "{name}"}))
+    assert public_classes(run, cfg, pipeline_meta) == {}              # the pipeline's own names: kept as they are
+    cfg.model.class_names = ["zero", "one", "two"]
+    assert public_classes(run, cfg, pipeline_meta)["class_names"] == ["zero", "one", "two"]

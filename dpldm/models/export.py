@@ -10,6 +10,11 @@
   re-attaches the adapter from `unet/dpldm_adapter.json` and loads all weights. Plain
   `diffusers.DiffusionPipeline.from_pretrained(DIR)` loads it whenever dpldm is importable.
 See docs/models.md.
+
+Class names: an export is a release, so it carries only class names that are public — those named in the
+run's config (model.class_names) or the pretrained pipeline's own. A run's classes.json written from the
+private labels alone ("0".."K-1": it reveals how many classes the private set has) is left out, and the
+export's dpldm.json says so under "omitted" (issue 11 §9).
 """
 from __future__ import annotations
 
@@ -79,6 +84,22 @@ def _lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in lora_state_dict_for_diffusers(unet).items()}
 
 
+def public_classes(run_dir: Path, cfg, pipeline_meta: dict) -> dict:
+    """The export's class_names/prompt_template from public sources only: the run config's class names, else
+    the pretrained pipeline's. A classes.json that matches neither was derived from the private labels: it is
+    omitted and recorded under "omitted"."""
+    if cfg.model.class_names:
+        return {"class_names": list(cfg.model.class_names), "prompt_template": cfg.model.prompt_template}
+    trained = run_dir / "classes.json"
+    if not trained.is_file():
+        return {}
+    names = list(json.loads(trained.read_text()).get("class_names") or [])
+    if names and names == list(pipeline_meta.get("class_names") or []):
+        return {}                                      # the pipeline's own names: already in its meta
+    return {"omitted": [f"classes.json of {run_dir.name}: {len(names)} class names derived from the private "
+                        "labels (not a public name list); set model.class_names to export public names"]}
+
+
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     cfg_file = run_dir / "config.yaml"
@@ -108,10 +129,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
             comps.unet._dpldm_adapter = adapter
     comps.unet.eval().requires_grad_(False)
     comps.meta = {**comps.meta, "source": f"dpldm export {run_dir} (adapter {kind}, base {cfg.model.pretrained})"}
-    if (run_dir / "classes.json").is_file():          # the classes the run was trained on
-        comps.meta.update(json.loads((run_dir / "classes.json").read_text()))
-    elif cfg.model.class_names:
-        comps.meta.update(class_names=list(cfg.model.class_names), prompt_template=cfg.model.prompt_template)
+    comps.meta.update(public_classes(run_dir, cfg, comps.meta))
     save_pipeline(Components(comps.vae, comps.unet, comps.text_encoder, comps.tokenizer, comps.scheduler,
                              comps.meta), out)
     if lora is not None:
@@ -122,4 +140,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
 def main(args) -> int:
     out = export_run(args.run, args.out)
     print(f"dpldm export: wrote {out} (load with diffusers.DiffusionPipeline.from_pretrained)")
+    meta = json.loads((out / "dpldm.json").read_text())
+    for what in meta.get("omitted", []):
+        print(f"dpldm export: omitted {what}")
     return 0
