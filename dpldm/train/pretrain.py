@@ -271,10 +271,12 @@ class UNetTrainer(Trainer):
         make_grid(images, columns=len(names) or 0).save(path)
         return path
 
+    def write_checkpoint_files(self, folder: Path) -> None:
+        save_file(self.ema.state_dict(), str(folder / "ema.safetensors"))   # inside the checkpoint, before its rename
+
     def on_checkpoint(self, step: int) -> None:
         if not self.env.is_main:
             return
-        save_file(self.ema.state_dict(), str(self.latest_checkpoint() / "ema.safetensors"))
         comps = self.ema_components()
         P.save_pipeline(comps, self.out_dir)
         self.write_grid(step, comps)

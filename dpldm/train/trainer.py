@@ -76,8 +76,12 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def write_checkpoint_files(self, folder: Path) -> None:
+        """Write state beyond the trainable weights, optimizer and JSON state (e.g. EMA weights) into the
+        checkpoint's temporary `folder` (rank 0): it becomes visible with the rest, in one atomic rename."""
+
     def on_checkpoint(self, step: int) -> None:
-        pass
+        """After the checkpoint is in place (every rank): publish derived outputs (ledger, adapter, pipeline)."""
 
     def progress_fields(self) -> str:
         """Extra text for the progress line (e.g. epsilon spent)."""
@@ -91,7 +95,9 @@ class Trainer:
         return done[-1] if done else None
 
     def save_checkpoint(self) -> Path:
-        """Write <run>/checkpoints/step-N atomically (tmp dir + rename); rank 0 writes, all ranks sync."""
+        """Write <run>/checkpoints/step-N whole: every file into a temporary folder, then one atomic rename
+        (rank 0 writes, all ranks sync). A kill at any point leaves either the previous whole checkpoint or
+        the new one (`latest_checkpoint` ignores folders without state.json and the .tmp- folder)."""
         path = self.ckpt_dir / f"step-{self.step:08d}"
         engine_state = self.engine.state_dict()  # collective under DeepSpeed: every rank calls it
         if self.env.is_main:
@@ -104,7 +110,8 @@ class Trainer:
             state = {"step": self.step, "samples_seen": self.samples_seen, "total_steps": self.total_steps,
                      "torch_rng": torch.get_rng_state().tolist(), "extra": self.extra_state(),
                      "time": time.time()}
-            (tmp / "state.json").write_text(json.dumps(state))
+            self.write_checkpoint_files(tmp)
+            (tmp / "state.json").write_text(json.dumps(state))   # last: a folder without it is incomplete
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
             for old in sorted(p for p in self.ckpt_dir.glob("step-*"))[:-KEEP_CHECKPOINTS]:
