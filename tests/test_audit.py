@@ -61,6 +61,29 @@ def test_canaries_are_distinct_patterns():
     assert len({bytes(i.numpy()) for i in x}) == 32 and y.tolist() == list(range(10, 42))   # own classes
 
 
+def test_default_audit_size_caps_the_certifiable_epsilon_and_says_which_sizes_could_flag_a_claim():
+    """Issue 11 §9: 64 canaries / 32 guesses can never certify more than ε ≈ 2.3, so an ε = 10 claim cannot be
+    flagged; the audit says so and names the sizes that could (all-correct guessing: necessary, not sufficient)."""
+    from dpldm.privacy.audit import audit_power, max_certifiable_epsilon, power_message, sizes_to_flag
+    cap = max_certifiable_epsilon(64, 32, 0.05, 1e-5)
+    assert cap == pytest.approx(2.32, abs=0.01)
+    assert epsilon_lower_bound(32, 32, 0.05, 1e-5, 64) == cap           # what perfect guessing would give
+    p10 = audit_power(64, 32, 10.0, 0.05, 1e-5)
+    assert p10["can_flag_claim"] is False and p10["needed"] is None      # δ·e^ε = 0.22 > β: no size can
+    m, r = p10["needed_pure"]
+    assert r == m // 2 and epsilon_lower_bound(r, r, 0.05, 0.0, m) > 10.0
+    assert 0.05 ** (1 / r) > 1 / (1 + math.exp(-10.0))  # minimal up to the grid: a quarter-doubling smaller fails
+    assert not epsilon_lower_bound(int(r / 2 ** 0.25), int(r / 2 ** 0.25), 0.05) > 10.0
+    msg = power_message(p10, 0.05, 1e-5)
+    assert "64 canaries / 32 guesses can certify at most ε ≈ 2.32" in msg and "CANNOT flag the claimed ε = 10" in msg
+    assert f"{m:,} canaries and {r:,} guesses" in msg and "\n" not in msg
+    p4 = audit_power(64, 32, 4.0, 0.05, 1e-5)
+    assert p4["needed"] == sizes_to_flag(4.0, 0.05, 1e-5) and max_certifiable_epsilon(*p4["needed"], 0.05, 1e-5) > 4
+    assert audit_power(64, 32, 1.0, 0.05, 1e-5)["can_flag_claim"] and "enough to flag" in power_message(
+        audit_power(64, 32, 1.0, 0.05, 1e-5), 0.05, 1e-5)
+    assert "CANNOT" not in power_message(audit_power(64, 32, math.inf), 0.05)    # a NOT PRIVATE run
+
+
 # -- end to end: one real fine-tune each on a tiny pipeline (8×8 latents) ---------------------------
 
 @pytest.fixture(scope="module")
@@ -99,6 +122,7 @@ def test_audit_detects_a_leaky_non_private_run(tmp_path, scaled_pipeline):
     print("leaky audit:", res["correct"], "/", res["guesses"], "eps >=", res["epsilon_lower_bound"])
     md = (tmp_path / "leaky" / "audit.md").read_text()
     assert "NOT PRIVATE" in md and "cannot show" in md
+    assert "32 canaries / 16 guesses can certify at most" in md and "never publish" in md
 
 
 def test_audit_of_a_dp_run_stays_below_the_claimed_epsilon(tmp_path, scaled_pipeline):

@@ -13,6 +13,11 @@ canaries (Steinke, Nasr & Jagielski 2023, "Privacy Auditing with One (1) Trainin
 
 The bound is only a lower bound: a value far below the claimed ε does not show the claim is tight
 (one run, a weak black-box attacker, few canaries); a value ABOVE the claimed ε shows a bug.
+
+Its size caps what it can show: with m canaries and r guesses, even r correct guesses bound ε by at most
+`max_certifiable_epsilon(m, r)` (≈ 2.3 for the default 64 / 32), so it cannot flag an ε = 10 claim.
+`audit_power` says so before the fine-tune runs and in audit.md, with the smallest sizes that could.
+OUT/private_with_canaries (and OUT/latent_cache) hold a copy of the private data: never publish them.
 """
 from __future__ import annotations
 
@@ -94,6 +99,50 @@ def audit_statistics(scores: np.ndarray, members: np.ndarray, k_pos: int, k_neg:
             "epsilon_lower_bound": epsilon_lower_bound(v, r, beta, delta, m), "delta": delta}
 
 
+def max_certifiable_epsilon(canaries: int, guesses: int, beta: float = 0.05, delta: float = 0.0) -> float:
+    """The largest ε bound an audit of this size can ever give: every one of its guesses correct."""
+    return epsilon_lower_bound(guesses, guesses, beta, delta, canaries)
+
+
+def sizes_to_flag(claimed: float, beta: float = 0.05, delta: float = 0.0, guess_fraction: float = 0.5,
+                  max_canaries: int = 2 ** 20) -> tuple[int, int] | None:
+    """The smallest (canaries, guesses = guess_fraction · canaries) on a grid of 4 sizes per doubling from 64
+    whose perfect guessing would bound ε above `claimed` (necessary, not sufficient: real guesses err);
+    None when no size up to max_canaries can (with δ > 0 the δ term grows with m: δ·e^ε must be small)."""
+    k = 0
+    while (m := int(round(64 * 2 ** (k / 4)))) <= max_canaries:
+        r = max(1, int(m * guess_fraction))
+        if p_value(m, r, r, claimed, delta) < beta:
+            return m, r
+        k += 1
+    return None
+
+
+def audit_power(canaries: int, guesses: int, claimed: float, beta: float = 0.05, delta: float = 0.0) -> dict:
+    """What an audit of this size can show about a `claimed` ε, and the sizes that could flag it."""
+    cap = max_certifiable_epsilon(canaries, guesses, beta, delta)
+    power = {"max_certifiable_epsilon": cap, "canaries": canaries, "guesses": guesses, "claimed": claimed,
+             "can_flag_claim": bool(math.isfinite(claimed) and cap > claimed)}
+    if math.isfinite(claimed) and not power["can_flag_claim"]:
+        frac = guesses / canaries
+        power["needed"] = sizes_to_flag(claimed, beta, delta, frac)
+        power["needed_pure"] = sizes_to_flag(claimed, beta, 0.0, frac)
+    return power
+
+
+def power_message(p: dict, beta: float = 0.05, delta: float = 0.0) -> str:
+    """One line: the cap of this audit and, when it cannot flag the claim, the sizes that could."""
+    head = (f"audit: {p['canaries']} canaries / {p['guesses']} guesses can certify at most ε ≈ "
+            f"{p['max_certifiable_epsilon']:.2f} (every guess right, {100 * (1 - beta):.0f}% confidence, δ = {delta:g})")
+    if not math.isfinite(p["claimed"]) or p["can_flag_claim"]:
+        return head + (f"; enough to flag the claimed ε = {p['claimed']:.3g}" if math.isfinite(p["claimed"]) else "")
+    need = (f"flagging it needs ≥ {p['needed'][0]:,} canaries and {p['needed'][1]:,} guesses, all correct"
+            if p.get("needed") else f"no audit of up to {2 ** 20:,} canaries can at this δ (δ·e^ε is too large)")
+    pure = (f"; the pure-ε bound needs ≥ {p['needed_pure'][0]:,} canaries and {p['needed_pure'][1]:,} guesses"
+            if p.get("needed_pure") and p.get("needed_pure") != p.get("needed") else "")
+    return f"{head}: it CANNOT flag the claimed ε = {p['claimed']:.3g}; {need}{pure}"
+
+
 # -- canaries and scoring -----------------------------------------------------------------------
 
 def make_canaries(m: int, channels: int, resolution: int, first_label: int, seed: int = 0):
@@ -147,7 +196,7 @@ def canary_scores(pretrained: str, run_dir: Path, images, labels, prompts, k: in
 # -- orchestration ------------------------------------------------------------------------------
 
 def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out_dir: str = "",
-              seed: int = 0, log=print) -> dict:
+              seed: int | None = 0, log=print) -> dict:
     """Insert canaries, fine-tune once, score, bound ε; writes OUT/audit.json and OUT/audit.md."""
     from dpldm.eval.shards import load_shards, write_shards
     from dpldm.models.pipeline import class_prompts
@@ -159,6 +208,12 @@ def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out
     if not 0 < guesses <= canaries:
         raise DpldmError(f"audit: --guesses must be in 1..{canaries}; got {guesses}")
     out = Path(out_dir or cfg.output.dir)
+    if seed is None:                # the canaries and their membership need not be secret, only random
+        import secrets
+        seed = secrets.randbits(31)
+    delta = float(cfg.privacy.delta or 0.0)
+    claim = float(cfg.privacy.target_epsilon) if cfg.privacy.enabled else math.inf
+    log(power_message(audit_power(canaries, guesses, claim, beta, delta), beta, delta))
     res, ch = cfg.model.resolution, cfg.model.channels
     if cfg.data.private:
         base_x, base_y = load_shards(cfg.data.private, channels=ch, resolution=res, limit=cfg.data.limit)
@@ -172,6 +227,8 @@ def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out
     priv_x = torch.cat([(base_x * 255).round().to(torch.uint8), cx[torch.from_numpy(members)]])
     priv_y = torch.cat([base_y, cy[torch.from_numpy(members)]])
     write_shards(priv_x, priv_y, out / "private_with_canaries")
+    log(f"audit: {out / 'private_with_canaries'} and {out / 'latent_cache'} hold a copy of the private data: "
+        "never publish them; delete them after the audit")
 
     ft_cfg = copy.deepcopy(cfg)
     ft_cfg.data.private = str(out / "private_with_canaries")
@@ -192,13 +249,19 @@ def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out
                   members=members.astype(int).tolist(), score="diffusion-loss decrease at 16 fixed high-noise draws",
                   bound_kind="Steinke-Nasr-Jagielski 2023, δ-adjusted (pure-ε value also given)")
     result["exceeds_claim"] = bool(result["private"] and result["epsilon_lower_bound"] > result["claimed_epsilon"])
+    result["power"] = audit_power(canaries, guesses, result["claimed_epsilon"], beta, result["delta"])
+    result["power_message"] = power_message(result["power"], beta, result["delta"])
+    result["canary_seed"] = seed
     out.mkdir(parents=True, exist_ok=True)
     claimed = result["claimed_epsilon"]
+    finite = (lambda x: x if math.isfinite(x) else "inf")
     (out / "audit.json").write_text(json.dumps(  # standard JSON: no Infinity
-        {**result, "claimed_epsilon": claimed if math.isfinite(claimed) else "inf"}, indent=2, default=str))
+        {**result, "claimed_epsilon": finite(claimed), "power": {**result["power"], "claimed": finite(claimed)}},
+        indent=2, default=str))
     (out / "audit.md").write_text(_markdown(result))
     log(f"audit: {result['correct']}/{result['guesses']} correct guesses → ε ≥ {result['epsilon_lower_bound']:.3f} "
         f"at {100 * (1 - beta):.0f}% confidence (claimed ε = {result['claimed_epsilon']})")
+    log(result["power_message"])
     return result
 
 
@@ -220,7 +283,10 @@ def _markdown(r: dict) -> str:
         "- A bound far below the claimed ε does NOT prove the claim is tight or that the run is safe to a "
         "stronger attacker: one run, a black-box loss-based score and m canaries cap what it can detect "
         f"(with {r['canaries']} canaries even perfect guesses give only a few units of ε).",
-        "- Canaries are synthetic patterns, i.e. worst-case-ish outliers; typical private examples leak less.", ""])
+        "- Canaries are synthetic patterns, i.e. worst-case-ish outliers; typical private examples leak less.",
+        f"- Size: {r['power_message'].removeprefix('audit: ')}.",
+        "- `private_with_canaries/` and `latent_cache/` in this directory hold a copy of the private data: never "
+        "publish them.", ""])
 
 
 def main(args) -> int:
