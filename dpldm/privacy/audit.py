@@ -133,7 +133,8 @@ def audit_power(canaries: int, guesses: int, claimed: float, beta: float = 0.05,
 def power_message(p: dict, beta: float = 0.05, delta: float = 0.0) -> str:
     """One line: the cap of this audit and, when it cannot flag the claim, the sizes that could."""
     head = (f"audit: {p['canaries']} canaries / {p['guesses']} guesses can certify at most ε ≈ "
-            f"{p['max_certifiable_epsilon']:.2f} (every guess right, {100 * (1 - beta):.0f}% confidence, δ = {delta:g})")
+            f"{p['max_certifiable_epsilon']:.2f} (every guess right, {100 * (1 - beta):.0f}% confidence, "
+            f"δ = {delta:g})")
     if not math.isfinite(p["claimed"]) or p["can_flag_claim"]:
         return head + (f"; enough to flag the claimed ε = {p['claimed']:.3g}" if math.isfinite(p["claimed"]) else "")
     need = (f"flagging it needs ≥ {p['needed'][0]:,} canaries and {p['needed'][1]:,} guesses, all correct"
