@@ -183,3 +183,15 @@ def test_quickstart_moves_a_run_made_with_other_settings_aside_with_its_ledger(t
     assert json.loads((again / "privacy.json").read_text())["steps"] == 1
     old, new = adapter_weights(tmp_path / "run.stale-1"), adapter_weights(again)       # trained afresh at lr 3e-2
     assert any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_an_rgb_pipeline_fine_tunes_on_gray_shards_whatever_the_preset_says(tmp_path, assets, capsys):
+    """A preset's model.channels=1 must not win over the RGB Stable-Diffusion-layout folder the user points at."""
+    _, shards = assets
+    rgb = make_tiny_pipeline(tmp_path / "rgb_pipe", channels=3)
+    run = ft.run_finetune(finetune_config(tmp_path, rgb, shards, **{"train.steps": 1, "model.channels": 1}))
+    assert json.loads((run / "privacy.json").read_text())["steps"] == 1
+    assert "takes 3-channel images" in capsys.readouterr().out
+    with pytest.raises(DpldmError, match=r"model.resolution=15 must be a multiple of the autoencoder's downsampling "
+                                         r"factor 2"):
+        ft.run_finetune(finetune_config(tmp_path, rgb, shards, "odd", **{"train.steps": 1, "model.resolution": 15}))

@@ -13,6 +13,7 @@ One logical step (identical on 1 or many ranks, for any micro-batch size):
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -250,6 +251,7 @@ def run_finetune(cfg: Config) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     comps = load_pipeline(cfg.model.pretrained, device=str(device))
+    cfg = images_as_the_autoencoder_takes_them(cfg, comps.vae, env)
     cache = ensure_cache(cfg, comps.vae, env, log=lambda m: log(m, env))
     n = len(cache)
     q, steps, sigma = plan(cfg, n)
@@ -291,6 +293,24 @@ def run_finetune(cfg: Config) -> Path:
     if ledger.private:
         log(f"finetune: done, ({ledger.epsilon:.4g}, {ledger.delta:g})-DP spent ({ledger.accountant})", env)
     return run_dir
+
+
+def images_as_the_autoencoder_takes_them(cfg: Config, vae, env) -> Config:
+    """The private images are read with the channels the pipeline's autoencoder takes (gray images are
+    converted to RGB and back as needed): a preset's `model.channels` never wins over the folder the user
+    pointed at. `model.resolution` stays the user's choice (SD autoencoders are fully convolutional) but must
+    be a multiple of the autoencoder's downsampling factor."""
+    from dpldm.config import apply_mapping
+    channels = int(vae.config.in_channels)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.model.resolution % factor:
+        raise DpldmError(f"model.resolution={cfg.model.resolution} must be a multiple of the autoencoder's "
+                         f"downsampling factor {factor} ({cfg.model.pretrained}/vae)")
+    if cfg.model.channels != channels:
+        log(f"finetune: {cfg.model.pretrained}/vae takes {channels}-channel images; reading the private images "
+            f"with {channels} channels (config said model.channels={cfg.model.channels})", env)
+        cfg = apply_mapping(copy.deepcopy(cfg), {"model.channels": channels})
+    return cfg
 
 
 def check_spent_steps_resumable(ledger: Ledger, run_dir: Path) -> None:
