@@ -72,10 +72,14 @@ def class_labels_of(run: Path) -> tuple[list[str], bool]:
     config's model.class_names, else the pretrained pipeline's (dpldm.json; then private label k was trained
     with the pipeline's k-th prompt). Never classes.json, which may be derived from the private labels."""
     from dpldm.config import load_config
+    from dpldm.errors import DpldmError
     cfg_file = run / "config.yaml"
-    if not cfg_file.is_file():
+    try:
+        cfg = load_config(cfg_file) if cfg_file.is_file() else None
+    except DpldmError:                      # a config this version cannot read: label rows by class index
+        cfg = None
+    if cfg is None:
         return [], False
-    cfg = load_config(cfg_file)
     if cfg.model.class_names:
         return list(cfg.model.class_names), False
     meta = Path(cfg.model.pretrained or "") / "dpldm.json"
