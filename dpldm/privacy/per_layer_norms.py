@@ -78,16 +78,56 @@ class Site:
         self.inputs, self.sq, self.per_example, self.stored, self.valid = [], {}, {}, [], True
 
     # -- shapes ---------------------------------------------------------------------------------
-    def tokens(self, a: Tensor, g: Tensor, b: int) -> tuple[Tensor, Tensor]:
-        """(A [b, K·T, d_in], G [b, K·T, d_out]) in float32 for a linear/conv site."""
-        m, n = self.module, a.shape[0]
-        if self.kind == "conv":
-            a = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            a = a.transpose(1, 2)                                          # [N, L, C·kh·kw]
-            g = g.reshape(n, g.shape[1], -1).transpose(1, 2)               # [N, L, out]
-        return (a.reshape(b, -1, a.shape[-1]).float(), g.reshape(b, -1, g.shape[-1]).float())
+    def pointwise(self) -> bool:
+        m = self.module
+        return (self.kind == "conv" and tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1)
+                and tuple(m.padding) == (0, 0))
 
-    def choose_form(self, tokens: int, d_in: int, d_out: int, forced: str) -> str:
+    def g_tokens(self, g: Tensor, b: int) -> Tensor:
+        """G [b, K·T, d_out] in float32: the output gradient, an example's K rows' tokens together."""
+        if self.kind == "conv":
+            g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)        # [N, L, out]
+        return g.reshape(b, -1, g.shape[-1]).float()
+
+    def a_tokens(self, a: Tensor, b: int) -> Tensor:
+        """A [b, K·T, d_in] in float32 for a Linear or a 1×1 conv (k×k convs never build it)."""
+        if self.kind == "conv":
+            a = a.reshape(a.shape[0], a.shape[1], -1).transpose(1, 2)
+        return a.reshape(b, -1, a.shape[-1]).float()
+
+    def _offsets(self, a: Tensor, ho: int, wo: int):
+        """For each kernel offset, the strided slice [N, C, ho, wo] of the padded input it multiplies."""
+        m = self.module
+        (ph, pw), (sh, sw), (dh, dw), (kh, kw) = m.padding, m.stride, m.dilation, m.kernel_size
+        ap = F.pad(a.float(), (pw, pw, ph, ph)) if (ph or pw) else a.float()
+        for i in range(kh):
+            for j in range(kw):
+                yield i, j, ap[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+
+    def conv_per_example(self, a: Tensor, g: Tensor, b: int) -> Tensor:
+        """Per-example weight gradients [b, out, in, kh, kw] of a k×k conv, one strided slice of the
+        padded input per kernel offset (no im2col, which is slow on CPU)."""
+        n, c = a.shape[0], a.shape[1]
+        gf = g.reshape(n, g.shape[1], -1).float()                          # [N, out, L]
+        out = torch.empty(n, g.shape[1], c, *self.module.kernel_size, dtype=torch.float32, device=a.device)
+        for i, j, x in self._offsets(a, g.shape[2], g.shape[3]):
+            out[:, :, :, i, j] = torch.bmm(gf, x.reshape(n, c, -1).transpose(1, 2))
+        return out.reshape(b, n // b, *out.shape[1:]).sum(1)
+
+    def conv_gram(self, a: Tensor, nb: int, ho: int, wo: int) -> Tensor:
+        """A_i A_iᵀ [nb, K·L, K·L] of a k×k conv's unfolded input, summed over kernel offsets."""
+        n, c = a.shape[0], a.shape[1]
+        gram = None
+        for _, _, x in self._offsets(a, ho, wo):
+            x = x.reshape(nb, n // nb, c, ho * wo).transpose(1, 2).reshape(nb, c, -1)   # [nb, C, K·L]
+            term = torch.bmm(x.transpose(1, 2), x)
+            gram = term if gram is None else gram.add_(term)
+        return gram
+
+    @staticmethod
+    def choose_form(tokens: int, d_in: int, d_out: int, forced: str) -> str:
+        """The ghost form when its Gram matrices ((K·T)² per example) are smaller than the
+        per-example gradient (d_in·d_out), else the materialised one; or the forced form."""
         if forced in ("ghost", "materialise"):
             return forced
         return "ghost" if tokens * tokens < d_in * d_out else "materialise"
@@ -97,24 +137,32 @@ class Site:
         """Per-example squared norms (and what the clipped sum needs) of one call's gradient."""
         if not self.valid:
             return
-        a = self.inputs[call]
-        n = a.shape[0]
+        a, g = self.inputs[call], g.detach()
         if self.kind in ("groupnorm", "layernorm"):
-            self._norm_layer(a, g.detach(), b, n // b)
+            self._norm_layer(a, g, b, a.shape[0] // b)
             return
-        A, G = self.tokens(a, g.detach(), b)
+        G = self.g_tokens(g, b)
         if "bias" in self.roles:
             self._add_per_example("bias", G.sum(1))
         if "weight" not in self.roles:
             return
         w = self.module.weight
-        form = self.form = self.choose_form(A.shape[1], A.shape[2], G.shape[2], forced)
+        form = self.form = self.choose_form(G.shape[1], w[0].numel(), w.shape[0], forced)
         if form == "materialise" or len(self.inputs) > 1:    # several calls: cross terms, so materialise
-            self._add_per_example("weight", torch.bmm(G.transpose(1, 2), A).reshape(b, *w.shape))
+            if self.kind == "conv" and not self.pointwise():
+                self._add_per_example("weight", self.conv_per_example(a, g, b))
+            else:
+                self._add_per_example("weight", torch.bmm(G.transpose(1, 2), self.a_tokens(a, b)).reshape(b, *w.shape))
             return
-        self.sq["weight"] = _ghost_sq(A, G)
+        if self.kind == "conv" and not self.pointwise():
+            k = a.shape[0] // b
+            gram_a = lambda s, e: self.conv_gram(a[s * k:e * k], e - s, g.shape[2], g.shape[3])
+        else:
+            A = self.a_tokens(a, b)
+            gram_a = lambda s, e: torch.bmm(A[s:e], A[s:e].transpose(1, 2))
+        self.sq["weight"] = _ghost_sq(gram_a, G)
         if keep:
-            self.stored.append((a, g.detach()))
+            self.stored.append((a, g))
 
     def _add_per_example(self, role: str, p: Tensor) -> None:
         prev = self.per_example.get(role)
@@ -167,14 +215,15 @@ class Site:
         return gs.reshape(-1, gs.shape[-1]).t() @ a.reshape(-1, a.shape[-1]).float()
 
 
-def _ghost_sq(A: Tensor, G: Tensor) -> Tensor:
-    """‖G_iᵀ A_i‖²_F for every i without forming G_iᵀ A_i, in slices that bound the Gram memory."""
-    b, t = A.shape[0], A.shape[1]
+def _ghost_sq(gram_a, G: Tensor) -> Tensor:
+    """‖G_iᵀ A_i‖²_F = Σ (A_i A_iᵀ) ⊙ (G_i G_iᵀ) for every i, in example slices that bound the Gram
+    memory; gram_a(s, e) gives A_i A_iᵀ for examples s..e-1."""
+    b, t = G.shape[0], G.shape[1]
     step = max(1, _GRAM_BUDGET // max(1, t * t))
     out = []
     for s in range(0, b, step):
-        a, g = A[s:s + step], G[s:s + step]
-        out.append((torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)))
+        g = G[s:s + step]
+        out.append((gram_a(s, s + g.shape[0]) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)))
     return torch.cat(out)
 
 
