@@ -35,7 +35,11 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "quickstart.yaml": ({}, None),
     "fashion pretraining": ({"plan.public": "fashion"}, None),
     "glyph pretraining": ({"plan.public": "glyphs"}, None),
+    # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
+    "downstream 20 epochs": ({"plan.clf_epochs": 20}, None),
+    "2.5x samples, 4 sampler steps": ({"plan.synthetic_n": 5000, "plan.sample_steps": 4}, None),
     "guidance 2": ({}, 2.0),
+    "guidance 4": ({}, 4.0),
     "guidance 8": ({}, 8.0),
     "C = 0.1": ({"privacy.max_grad_norm": 0.1}, None),
     "C = 0.001": ({"privacy.max_grad_norm": 0.001}, None),
@@ -47,6 +51,8 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
                        "model.prompt_template": "a handwritten digit {name}"}, None),
 }
 FAST_CANDIDATES = ("quickstart.yaml", "guidance 2", "C = 0.1")
+# Plan fields that change only sampling or the downstream classifier (not the fine-tune)
+EVAL_ONLY = {"clf_epochs", "synthetic_n", "sample_steps"}
 
 
 def proxy_sigma(plan: Plan, eps: float, delta: float, accountant: str) -> float:
@@ -65,7 +71,7 @@ def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, nam
         **overrides, "privacy.noise_multiplier": sigma,
         # public data: the proxy's own (large) ε guarantees nothing; RDP accounts it without failing
         "privacy.accountant": "rdp", "privacy.target_epsilon": 1e6,
-        "data.cache_dir": str(out / "proxy" / "latent_cache"),
+        "data.cache_dir": str(out / "proxy" / f"latent_cache-{plan.public}"),   # one per autoencoder
         "output.dir": str(out / "proxy" / f"{slug}-eps{eps:g}")}), sigma
 
 
@@ -80,12 +86,22 @@ def split_overrides(plan: Plan, overrides: dict) -> tuple[Plan, dict]:
             {k: v for k, v in overrides.items() if not k.startswith("plan.")})
 
 
-def run_candidate(cfg, guidance: float | None, n: int) -> Path:
-    """Fine-tune (resumable, shared by candidates that differ only in guidance) and sample n images."""
+def eval_only(name: str) -> bool:
+    """Whether a candidate changes only sampling/downstream settings (it reuses the quickstart.yaml fine-tune)."""
+    overrides, guidance = CANDIDATES[name]
+    return bool(overrides or guidance is not None) and all(
+        k.startswith("plan.") and k[5:] in EVAL_ONLY for k in overrides)
+
+
+def run_candidate(cfg, guidance: float | None, n: int, steps: int | None = None, tag: str = "") -> Path:
+    """Fine-tune (resumable, shared by candidates that differ only in sampling) and sample n images
+    (`steps`: the plan's sampler steps when it differs from the config's; `tag`: the samples folder's suffix)."""
     run = finetuned(cfg)
-    if guidance is None:
+    settings = {**({"guidance": guidance} if guidance is not None else {}), **({"steps": steps} if steps else {})}
+    if not settings and not tag:
         return sampled(run, n)
-    return sampled(run, n, run / f"samples-g{guidance:g}", guidance=guidance)
+    tag = tag or f"g{guidance:g}"
+    return sampled(run, n, run / f"samples-{tag}", **settings)
 
 
 def write_table(path: Path, rows: list[dict], scorer_acc: float, best: str) -> None:
@@ -113,16 +129,19 @@ def main(args) -> int:
     unknown = [c for c in names if c not in CANDIDATES]
     if unknown:
         raise DpldmError(f"--candidates: unknown {unknown}; expected some of {list(CANDIDATES)}")
-    n = plan.synthetic_n if args.fast else PROXY_SAMPLES
+    # samples per candidate: the fast plan's own n; else PROXY_SAMPLES per 2,000 of the plan's synthetic_n
+    proxy_n = lambda p: p.synthetic_n if args.fast else round(PROXY_SAMPLES * p.synthetic_n / FULL.synthetic_n)  # noqa: E731
     timings: dict[str, float] = {}
     plans = {c: split_overrides(plan, CANDIDATES[c][0])[0] for c in names}
     sets = list(dict.fromkeys(public_set(p)[0] for p in plans.values()))
     with Stage(f"pack public sets ({', '.join(sets)}, scikit-learn digits)", timings):
         data = pack_sets(out, plan, (*sets, "digits", "digits-test"))
-    pipelines = {}
-    for p in dict.fromkeys(plans.values()):
-        with Stage(f"pretrain (or reuse) the public pipeline on {p.public}", timings):
-            pipelines[p] = pretrain_public(out, data, p)
+    pipelines = {}           # one per public set and pretraining budget
+    key = lambda p: (p.public, p.public_n, p.ae_steps, p.unet_steps, p.pretrain_batch)  # noqa: E731
+    for p in plans.values():
+        if key(p) not in pipelines:
+            with Stage(f"pretrain (or reuse) the public pipeline on {p.public}", timings):
+                pipelines[key(p)] = pretrain_public(out, data, p)
     with Stage("scorer: CNN on real digits train", timings):
         x_tr, y_tr = load_shards(str(data["digits"]), channels=1, resolution=28)
         x_te, y_te = load_shards(str(data["digits-test"]), channels=1, resolution=28)
@@ -135,13 +154,17 @@ def main(args) -> int:
         for name in names:
             cand_plan, overrides = split_overrides(plan, CANDIDATES[name][0])
             guidance = CANDIDATES[name][1]
-            cfg, sigma = proxy_cfg(out, pipelines[cand_plan], data, cand_plan, eps,
-                                   name if guidance is None else "quickstart.yaml", overrides)
+            reuse = eval_only(name)
+            cfg, sigma = proxy_cfg(out, pipelines[key(cand_plan)], data, plan if reuse else cand_plan, eps,
+                                   "quickstart.yaml" if reuse else name, overrides)
+            n = proxy_n(cand_plan)
+            tag = name.replace(" ", "").replace(",", "-").replace(".", "") if reuse and guidance is None else ""
             t0 = time.time()
             with Stage(f"proxy candidate '{name}' (sigma {sigma:.3f} of the eps={eps:g} private run)", timings):
-                shards = run_candidate(cfg, guidance, n)
+                shards = run_candidate(cfg, guidance, n, cand_plan.sample_steps if cand_plan.sample_steps != plan.sample_steps
+                                       else None, tag)
             xs, ys = load_shards(str(shards), channels=1, resolution=28)
-            down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=plan.clf_epochs, seeds=PROXY_SEEDS)
+            down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=cand_plan.clf_epochs, seeds=PROXY_SEEDS)
             rows.append({"candidate": name, "epsilon": eps, "sigma": sigma, "agreement": accuracy(scorer, xs, ys),
                          "downstream": down["mean"], "n": len(xs), "seconds": round(time.time() - t0, 1),
                          "overrides": CANDIDATES[name][0], "guidance": guidance})
