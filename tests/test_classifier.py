@@ -127,3 +127,38 @@ def test_dpsgd_default_seed_is_secret_and_an_explicit_seed_is_flagged():
     assert torch.equal(_weights(c), _weights(d))
     assert lc["warnings"] == [EXPLICIT_SEED_WARNING] and lc["seed"] == "explicit"
     assert "not a release" in EXPLICIT_SEED_WARNING and "explicit seed" in EXPLICIT_SEED_WARNING
+
+
+def test_dpsgd_batches_and_noise_come_from_pcg64_not_torch_or_opacus_generators(monkeypatch):
+    """torch's CPU generator keeps 32 bits of its seed, so neither opacus' Poisson loader nor its torch noise is
+    used: both are replaced by PCG64 streams of the secret seed (the opacus paths raise if reached)."""
+    import numpy as np
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import optimizer as opacus_opt
+    from opacus.utils import uniform_sampler
+
+    from dpldm.eval.dpsgd_baseline import _draw_noise_from, _empty_per_sample_grads
+
+    def boom(*a, **k):
+        raise AssertionError("an opacus torch-generator path was used")
+    monkeypatch.setattr(opacus_opt, "_generate_noise", boom)
+    monkeypatch.setattr(uniform_sampler.UniformWithReplacementSampler, "__iter__", boom)
+    x, y = _tiny_set(16)
+    model, ledger = train_dpsgd_classifier(x, y, 5.0, 1e-2, epochs=1, expected_batch_size=4, num_classes=2, width=4)
+    assert ledger["steps"] == 4 and ledger["sample_rate"] == 0.25 and torch.isfinite(_weights(model)).all()
+    # the replacement adds exactly σC · (draws of the generator) to the clipped sum, once per parameter
+    p = torch.nn.Parameter(torch.zeros(200, 50))
+    opt = DPOptimizer(torch.optim.SGD([p], lr=1.0), noise_multiplier=2.0, max_grad_norm=0.5, expected_batch_size=1)
+    _draw_noise_from(opt, np.random.default_rng(3))
+    _empty_per_sample_grads(opt)
+    opt.pre_step()
+    want = np.random.default_rng(3).standard_normal((200, 50), dtype=np.float32) * 1.0
+    torch.testing.assert_close(p.grad, torch.from_numpy(want))
+
+
+def test_dpsgd_sample_rate_is_the_one_opacus_accounts_for():
+    """opacus accounts at q = 1/len(loader) = 1/ceil(N/B); the ledger states that q (not B/N) and q·N."""
+    x, y = _tiny_set(10)
+    _, ledger = train_dpsgd_classifier(x, y, 5.0, 1e-2, epochs=1, expected_batch_size=4, num_classes=2, width=4)
+    assert ledger["sample_rate"] == pytest.approx(1 / 3) and ledger["steps"] == 3
+    assert ledger["expected_batch_size"] == pytest.approx(10 / 3)

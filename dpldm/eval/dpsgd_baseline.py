@@ -9,8 +9,10 @@ rate. The defaults were tuned on PUBLIC data only (see docs/evaluation.md: MNIST
 training, the MNIST validation split for scoring), never on the private set or the test set.
 
 Randomness (DESIGN invariant 7): by default (`seed=None`) the initialisation, the Poisson sampling and the
-noise come from streams of a fresh 128-bit secret seed (`dpldm.rng.secret_seed`) that is returned nowhere;
-the noise uses its own generator handed to opacus (`noise_generator`), never torch's global RNG. An explicit
+noise come from streams of a fresh 128-bit secret seed (`dpldm.rng.secret_seed`) that is returned nowhere.
+The Poisson draws and the noise use numpy PCG64 generators (128-bit state) derived from it — not opacus'
+own, which draw from a torch CPU generator that keeps only 32 bits of its seed (seeds s and s + 2³² give the
+same draws): opacus clips, accounts and calibrates σ, dpldm draws the batches and the noise. An explicit
 `seed` makes everything reproducible by whoever has it: the ledger then carries EXPLICIT_SEED_WARNING.
 An empty Poisson batch (possible whenever q·N is small) takes a noise-only step, as the fine-tune does.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -81,21 +84,24 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
         opt = torch.optim.Adam(model.parameters(), lr=lr)
     else:
         raise DpldmError(f"dpsgd baseline: optimizer must be sgd or adam; got {optimizer!r}")
-    # opacus turns this loader into Poisson sampling with q = batch_size / N, drawn from the loader's generator
-    loader = DataLoader(TensorDataset(images, labels), batch_size=expected_batch_size,
-                        generator=rng.torch("dpsgd-poisson"))
+    # opacus accounts for Poisson sampling at q = 1 / len(loader) (= B/N when B divides N), len(loader) steps
+    # per epoch; its own Poisson loader is not used (see the module docstring): `poisson` draws the same way
+    loader = DataLoader(TensorDataset(images, labels), batch_size=expected_batch_size)
+    sample_rate, steps_per_epoch = 1.0 / len(loader), len(loader)
     engine = PrivacyEngine(accountant=accountant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opacus' secure-RNG notice
-        model, opt, loader = engine.make_private_with_epsilon(
+        model, opt, _ = engine.make_private_with_epsilon(
             module=model, optimizer=opt, data_loader=loader, target_epsilon=target_epsilon,
-            target_delta=delta, epochs=epochs, max_grad_norm=max_grad_norm, poisson_sampling=True,
-            noise_generator=rng.torch("dpsgd-noise"))
-    sample_rate = expected_batch_size / n
+            target_delta=delta, epochs=epochs, max_grad_norm=max_grad_norm, poisson_sampling=True)
+    _draw_noise_from(opt, rng.numpy("dpsgd-noise"))
+    poisson = rng.numpy("dpsgd-poisson")
     t0, steps = time.perf_counter(), 0
     model.train()
     for epoch in range(epochs):
-        for x, y in loader:
+        for _ in range(steps_per_epoch):
+            idx = torch.from_numpy(np.flatnonzero(poisson.random(n) < sample_rate))
+            x, y = images[idx], labels[idx]
             opt.zero_grad(set_to_none=True)
             if len(x):
                 loss = F.cross_entropy(model(x), y)
@@ -112,14 +118,29 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
         "epsilon": eps, "target_epsilon": float(target_epsilon), "delta": float(delta),
         "accountant": accountant, "noise_multiplier": float(opt.noise_multiplier),
         "sample_rate": sample_rate, "steps": steps, "private": True, "sampling": "poisson",
-        "max_grad_norm": max_grad_norm, "expected_batch_size": expected_batch_size, "dataset_size": n,
+        "max_grad_norm": max_grad_norm, "expected_batch_size": sample_rate * n, "dataset_size": n,
         "epochs": epochs, "lr": lr, "optimizer": optimizer, "arch": arch, "width": width,
-        "seconds": seconds, "images_per_s": steps * expected_batch_size / max(seconds, 1e-9),
+        "seconds": seconds, "images_per_s": steps * sample_rate * n / max(seconds, 1e-9),
         "relation": "add_remove", "seed": "explicit" if explicit else "secret",
         "warnings": [EXPLICIT_SEED_WARNING] if explicit else [],
     }
     net = model._module if hasattr(model, "_module") else model
     return net.eval(), ledger
+
+
+def _draw_noise_from(opt, gen: np.random.Generator) -> None:
+    """Make opacus' DPOptimizer add its N(0, σ²C²) noise from `gen` (PCG64, keyed by the secret seed) instead of
+    a torch generator; everything else of its step (clip, sum, scale, accountant hook) is unchanged."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    def add_noise():
+        std = opt.noise_multiplier * opt.max_grad_norm
+        for p in opt.params:
+            _check_processed_flag(p.summed_grad)
+            noise = torch.from_numpy(gen.standard_normal(tuple(p.summed_grad.shape), dtype=np.float32))
+            p.grad = (p.summed_grad + (noise * std).to(p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+    opt.add_noise = add_noise
 
 
 def _empty_per_sample_grads(opt) -> None:
