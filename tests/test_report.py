@@ -166,7 +166,7 @@ def test_total_cost_sums_every_private_training_and_composes_them_with_pld(tmp_p
     md = (tmp_path / "r" / "report.md").read_text()
     total = md[md.index("## Total privacy cost"):]
     assert "Total by basic composition" in total and "Total by PLD composition" in total
-    assert f"ε = {cost['basic']['epsilon']:.3g}, δ = 5e-05" in total and "| DP-SGD | 3 | 2 |" in total
+    assert f"ε = {cost['basic']['epsilon']:.3g}, δ = 5e-05" in total and "| DP-SGD at ε = 2 | 3 | 2 |" in total
     assert "NOT PRIVATE (ε = ∞): No DP" in total and "use no private data (ε = 0): pretrained only" in total
     assert "3 models trained, each at this ε" in md
     assert json.loads((tmp_path / "r" / "report.json").read_text())["total_privacy_cost"]["count"] == 5
@@ -177,7 +177,7 @@ def test_total_cost_names_replace_one_and_flags_explicit_seeds_and_missing_mecha
     rows = [row_from_ledger("a", _mechanism(1.0, 1.0, 0.01, 100, relation="replace_one")),
             row_from_ledger("b", _mechanism(1.0, 1.0, 0.01, 100, seed="explicit"))]
     cost = total_cost(rows)
-    assert cost["pld"]["relation"] == "replace_one" and cost["explicit_seed"] == ["b"]
+    assert cost["pld"]["relation"] == "replace_one" and cost["explicit_seed"] == ["b at ε = 1"]
     text = "\n".join(markdown(cost))
     assert "replace-one relation" in text and "different neighbouring relations" in text
     assert "EXPLICIT SEED" in text and "not a release" in text

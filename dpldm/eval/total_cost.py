@@ -96,8 +96,13 @@ def _ledger_row(run: str, ledger: dict) -> dict:
 
 
 def _name(row: dict) -> str:
-    run = row.get("run")
-    return f"{row['method']} ({run})" if run and str(run) not in row["method"] else row["method"]
+    """The row's method and what tells it apart: its run, else its ε."""
+    run, eps = row.get("run"), row.get("epsilon")
+    if run:
+        return row["method"] if str(run) in row["method"] else f"{row['method']} ({run})"
+    if row_kind(row) == "private":
+        return f"{row['method']} at ε = {float(eps):.3g}"
+    return row["method"]
 
 
 def _pld_total(trainings: list[dict], delta: float | None, relations: list[str]) -> tuple[dict | None, str]:
