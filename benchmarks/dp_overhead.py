@@ -1,20 +1,23 @@
 """DP overhead: step time and peak memory of the DP step over the non-private step, per adapter kind.
 
     .venv/bin/python benchmarks/dp_overhead.py [--batch 64] [--k 1] [--repeat 3] [--kinds loda lora ...]
+    .venv/bin/python benchmarks/dp_overhead.py --sd [--sd-microbatch 1 2]     # SD-1.5-size U-Net, CPU
 
 The model is the quickstart latent U-Net (UNet2DConditionModel, channels [64, 128], cross-attention
 at the second level, MiniLM-sized 16×384 conditioning) on 8×8×4 latents. One step = the gradient of
 one logical batch of `--batch` examples (K noise draws each), in one micro-batch of `--microbatch`:
 - non-DP: plain backward of the summed diffusion loss (what `privacy.enabled=false` runs),
 - DP torch.func: `clipped_grad_sum` (vmap(grad)) + `add_noise_and_normalize`, as the trainer runs it,
-- DP torch.func, bmm attention: the same with diffusers' classic `AttnProcessor` instead of SDPA
-  (torch.func has no batching rule for the CPU SDPA kernels and falls back to a per-example loop),
-- DP opacus hooks: `GradSampleModule` per-row gradients, an example's K rows summed, clipped.
+- DP opacus hooks: `GradSampleModule` per-row gradients, an example's K rows summed, clipped,
+- DP opacus ghost: opacus' `GradSampleModuleFastGradientClipping` (per-row norms from hooks, then a
+  second backward of the reweighted loss); only with K = 1 (its norms are per row, not per example),
+- DP ghost: `ghost_clipped_grad_sum` (dpldm/privacy/ghost_clipping.py), per-layer norms + book-keeping,
+- DP ghost, 2nd bwd: the same norms, clipped sum by a second backward of the reweighted loss.
 Timing: one process per kind builds the model once and runs the variants interleaved, round by
 round (load drifts on a shared machine hit all alike); median over `--repeat` rounds after a
 warm-up round. Memory: a fresh process per (kind, variant), growth of peak RSS during its first
 step on CPU, of `torch.cuda.max_memory_allocated` on GPU. Prints a table and writes the
-"DP overhead" section of docs/benchmarks.md.
+"DP overhead" section of docs/benchmarks.md (with `--sd`: the "DP at Stable-Diffusion scale" section).
 """
 from __future__ import annotations
 
@@ -31,9 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 KINDS = ["loda", "lora", "attention", "full"]
-VARIANTS = ["nondp", "dp", "dp_bmm", "dp_hooks"]
-LABELS = {"nondp": "non-DP", "dp": "DP torch.func", "dp_bmm": "DP torch.func, bmm attn",
-          "dp_hooks": "DP opacus hooks"}
+VARIANTS = ["nondp", "dp", "dp_hooks", "dp_fgc", "dp_ghost", "dp_ghost_rw"]
+LABELS = {"nondp": "non-DP", "dp": "DP torch.func", "dp_hooks": "DP opacus hooks", "dp_fgc": "DP opacus ghost",
+          "dp_ghost": "DP ghost", "dp_ghost_rw": "DP ghost, 2nd bwd"}
 
 
 def _rss_bytes() -> int:
@@ -119,18 +122,45 @@ class Setup:
                     p.grad, p.grad_sample = None, None
             return noised(total)
 
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        fgc = GradSampleModuleFastGradientClipping(copy.deepcopy(unet), batch_first=True, loss_reduction="sum",
+                                                   strict=False, max_grad_norm=1.0, use_ghost_clipping=True)
+        fgc_params = {n: p for n, p in fgc._module.named_parameters() if p.requires_grad}
 
-        def with_bmm_attention(fn):
-            def run():
-                unet.set_attn_processor(AttnProcessor())
-                try:
-                    return fn()
-                finally:
-                    unet.set_attn_processor(AttnProcessor2_0())
-            return run
+        def dp_fgc():                         # opacus ghost clipping: norms per row, so K = 1 only
+            if k != 1:
+                return None
+            total = {n: torch.zeros_like(v) for n, v in fgc_params.items()}
+            try:
+                for ch in chunks:
+                    fgc.enable_hooks()
+                    losses = diffusion_loss(plain(fgc), alphas, *ch)
+                    losses.sum().backward(retain_graph=True)
+                    coef = fgc.get_clipping_coef()
+                    for p in fgc_params.values():
+                        p.grad = None
+                    fgc.disable_hooks()
+                    (coef * losses).sum().backward()
+                    for n, p in fgc_params.items():
+                        total[n] += p.grad
+                        p.grad = None
+            finally:
+                fgc.enable_hooks()
+            return noised(total)
 
-        self.steps = {"nondp": nondp, "dp": dp, "dp_bmm": with_bmm_attention(dp), "dp_hooks": dp_hooks}
+        from dpldm.privacy.ghost_clipping import ghost_clipped_grad_sum
+
+        def batch_loss(p, x, c, tt, n):       # the micro-batch, as the ghost engine takes it
+            call = lambda x_t, ts, cc: functional_call(unet, p, (x_t, ts), {"encoder_hidden_states": cc,
+                                                                             "return_dict": False})[0]
+            return diffusion_loss(call, alphas, x, c, tt, n)
+
+        def dp_ghost(sum_mode="bookkeeping"):
+            return noised(ghost_clipped_grad_sum(unet, params, batch_loss, (x0, cond, t, noise), 1.0, microbatch,
+                                                 sum_mode=sum_mode)[0])
+
+        self.steps = {"nondp": nondp, "dp": dp, "dp_hooks": dp_hooks, "dp_fgc": dp_fgc, "dp_ghost": dp_ghost,
+                      "dp_ghost_rw": lambda: dp_ghost("reweight")}
 
     def timed(self, variant: str) -> float:
         cuda = self.device.type == "cuda"
@@ -146,28 +176,37 @@ class Setup:
 def measure_time(kind: str, batch: int, k: int, microbatch: int, repeat: int, threads: int) -> dict:
     """Median step time of every variant, interleaved round by round (so load drifts hit all alike)."""
     setup = Setup(kind, batch, k, microbatch, threads)
-    times = {v: [] for v in VARIANTS}
+    variants = [v for v in VARIANTS if applies(v, k)]
+    times = {v: [] for v in variants}
     for rnd in range(repeat + 1):
-        for v in VARIANTS:
+        for v in variants:
             t = setup.timed(v)
             if rnd:                           # round 0 is the warm-up
                 times[v].append(t)
     return {"trainable": setup.trainable, **{v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}}
 
 
-def measure_memory(kind: str, variant: str, batch: int, k: int, microbatch: int, threads: int) -> dict:
-    """Peak memory growth of one (first) step of `variant` in a fresh process."""
-    setup = Setup(kind, batch, k, microbatch, threads)
-    torch = setup.torch
-    if setup.device.type == "cuda":
+def applies(variant: str, k: int) -> bool:
+    return variant != "dp_fgc" or k == 1
+
+
+def peak_growth(torch, device, step) -> int:
+    """Bytes by which one call of `step` raises the peak (CUDA allocator, or process RSS on CPU)."""
+    if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        setup.timed(variant)
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
+        step()
+        return torch.cuda.max_memory_allocated() - before
     before = _rss_bytes()
-    setup.timed(variant)
-    return {"peak_bytes": max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)}
+    step()
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+
+
+def measure_memory(kind: str, variant: str, batch: int, k: int, microbatch: int, threads: int) -> dict:
+    """Peak memory growth of one (first) step of `variant` in a fresh process."""
+    setup = Setup(kind, batch, k, microbatch, threads)
+    return {"peak_bytes": peak_growth(setup.torch, setup.device, lambda: setup.timed(variant))}
 
 
 def run_child(what: list[str], args) -> dict:
@@ -179,28 +218,35 @@ def run_child(what: list[str], args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cell(value, base, unit: str, scale: float) -> str:
+    return "n/a" if value is None else f"{value * scale:.0f} {unit} ({value / max(base, 1e-12):.2f}×)"
+
+
 def table(results: dict, args) -> str:
-    head = ["adapter", "trainable params", "non-DP step"]
-    for v in VARIANTS[1:]:
-        head += [f"{LABELS[v]}", "×"]
-    head += ["non-DP peak mem"] + [f"{LABELS[v]} mem ×" for v in VARIANTS[1:]]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    dp = VARIANTS[1:]
+    lines = ["| adapter | trainable params | non-DP step | " + " | ".join(LABELS[v] for v in dp) + " |",
+             "|---" + "|---:" * (len(dp) + 2) + "|"]
     for kind in args.kinds:
         r = results[kind]
-        row = [kind, f"{r['trainable']:,}", f"{r['nondp'] * 1e3:.0f} ms"]
-        for v in VARIANTS[1:]:
-            row += [f"{r[v] * 1e3:.0f} ms", f"{r[v] / r['nondp']:.2f}×"]
-        base = max(r["mem_nondp"], 1)
-        row += [f"{r['mem_nondp'] / 2**20:.0f} MiB"] + [f"{r['mem_' + v] / base:.2f}×" for v in VARIANTS[1:]]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(f"| {kind} | {r['trainable']:,} | {r['nondp'] * 1e3:.0f} ms | "
+                     + " | ".join(_cell(r.get(v), r["nondp"], "ms", 1e3) for v in dp) + " |")
+    lines += ["", "| adapter | non-DP peak mem | " + " | ".join(LABELS[v] for v in dp) + " |",
+              "|---" + "|---:" * (len(dp) + 1) + "|"]
+    for kind in args.kinds:
+        r = results[kind]
+        lines.append(f"| {kind} | {r['mem_nondp'] / 2**20:.0f} MiB | "
+                     + " | ".join(_cell(r.get("mem_" + v), r["mem_nondp"], "MiB", 2**-20) for v in dp) + " |")
     note = (f"Quickstart U-Net (channels [64, 128], cross-attention at level 2), 8×8×4 latents, batch "
             f"{args.batch}, K={args.k}, micro-batch {args.microbatch}, {args.threads} CPU thread(s); median of "
-            f"{args.repeat} interleaved rounds after a warm-up round. {LABELS['dp']}: `clipped_grad_sum` "
-            f"(torch.func vmap(grad)) as the trainer runs it; {LABELS['dp_bmm']}: the same with diffusers' "
-            f"`AttnProcessor` (bmm) instead of SDPA; {LABELS['dp_hooks']}: opacus `GradSampleModule` hooks "
-            "(grad samples of an example's K rows summed, then clipped). All DP variants add the noise once. "
-            "Peak memory: growth of peak RSS (CPU) or of max_memory_allocated (GPU) during a first step, "
-            "in a fresh process, relative to non-DP. `benchmarks/dp_overhead.py` regenerates this table.")
+            f"{args.repeat} interleaved rounds after a warm-up round; first table step time, second peak "
+            f"memory (× = over non-DP). {LABELS['dp']}: `clipped_grad_sum` (torch.func vmap(grad)); "
+            f"{LABELS['dp_hooks']}: opacus `GradSampleModule` (an example's K rows' grad samples summed, then "
+            f"clipped); {LABELS['dp_fgc']}: opacus `GradSampleModuleFastGradientClipping` (per-row norms, so "
+            f"n/a for K > 1); {LABELS['dp_ghost']}: `ghost_clipped_grad_sum`, per-layer norms from activations "
+            f"and output gradients + book-keeping sum, one backward; {LABELS['dp_ghost_rw']}: the same norms, "
+            "sum by a second backward of the reweighted loss. All DP variants add the noise once. Peak memory: "
+            "growth of peak RSS (CPU) or of max_memory_allocated (GPU) during a first step, in a fresh process. "
+            "`benchmarks/dp_overhead.py` regenerates these tables.")
     return "\n".join(lines) + "\n\n" + note
 
 
@@ -225,9 +271,11 @@ def main() -> None:
     for kind in args.kinds:
         r = run_child([kind, "time"], args)
         for v in VARIANTS:
-            r["mem_" + v] = run_child([kind, v], args)["peak_bytes"]
+            if applies(v, args.k):
+                r["mem_" + v] = run_child([kind, v], args)["peak_bytes"]
         results[kind] = r
-        print(f"{kind:9s} " + "  ".join(f"{v} {r[v] * 1e3:.0f} ms / {r['mem_' + v] / 2**20:.0f} MiB" for v in VARIANTS),
+        print(f"{kind:9s} " + "  ".join(f"{v} {r[v] * 1e3:.0f} ms / {r['mem_' + v] / 2**20:.0f} MiB"
+                                        for v in VARIANTS if v in r),
               flush=True)
     text = table(results, args)
     print("\n" + text)
