@@ -106,6 +106,9 @@ class TrainConfig:
     microbatch_size: int = 64
     checkpoint_every: int = 0       # steps; 0 = every ~5 minutes
     log_every: int = 10
+    # DP fine-tune: publish an exponential moving average of the trainable weights (iterate averaging,
+    # post-processing: no privacy cost); 0 = the last iterate. Its warm-up min(d, (1+n)/(10+n)) suits short runs.
+    ema_decay: float = 0.0
     sample_every: int = 0           # pretraining: sample grid every N steps (0 = at checkpoints)
 
 
@@ -115,7 +118,9 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
+    warmup_steps: int = 0           # linear warm-up from lr/warmup_steps to lr
+    decay: Literal["none", "cosine"] = "none"   # after warm-up: flat, or cosine down to min_lr_ratio*lr at the end
+    min_lr_ratio: float = 0.0
 
 
 @dataclass

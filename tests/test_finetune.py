@@ -195,3 +195,42 @@ def test_an_rgb_pipeline_fine_tunes_on_gray_shards_whatever_the_preset_says(tmp_
     with pytest.raises(DpldmError, match=r"model.resolution=15 must be a multiple of the autoencoder's downsampling "
                                          r"factor 2"):
         ft.run_finetune(finetune_config(tmp_path, rgb, shards, "odd", **{"train.steps": 1, "model.resolution": 15}))
+
+
+def test_adapter_ema_is_published_resumes_exactly_and_differs_from_the_last_iterate(tmp_path, assets, monkeypatch):
+    """train.ema_decay: the published adapter is the iterate average (post-processing), checkpointed with the run."""
+    pipe, shards = assets
+    over = {"train.steps": 4, "train.checkpoint_every": 100, "privacy.noise_multiplier": 1.0, "train.ema_decay": 0.5,
+            "optim.decay": "cosine", "optim.warmup_steps": 1}
+    whole = ft.run_finetune(finetune_config(tmp_path, pipe, shards, "whole", **over))
+    original = ft.FinetuneTrainer.train_step
+
+    def interrupted(self, step):
+        out = original(self, step)
+        if step == 1:
+            self._stop_signal = signal.SIGUSR1
+        return out
+    monkeypatch.setattr(ft.FinetuneTrainer, "train_step", interrupted)
+    cfg = finetune_config(tmp_path, pipe, shards, "split", **over)
+    with pytest.raises(SystemExit):
+        ft.run_finetune(cfg)
+    monkeypatch.setattr(ft.FinetuneTrainer, "train_step", original)
+    split = ft.run_finetune(cfg)
+    a, b = adapter_weights(whole), adapter_weights(split)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    last = sorted((whole / "checkpoints").glob("step-*"))[-1]
+    assert (last / "ema.safetensors").is_file()
+    iterate = load_file(str(last / "trainable.safetensors"))
+    moved = [k for k in a if k.endswith("B.weight") or ".up." in k]
+    assert moved and any(not torch.allclose(a[k], iterate[k]) for k in iterate if k in a)
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
+    from dpldm.config import OptimConfig
+    from dpldm.distributed.optim import lr_at
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, decay="cosine", min_lr_ratio=0.1)
+    lrs = [lr_at(cfg, s, 20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1) and all(x >= y for x, y in zip(lrs[4:], lrs[5:]))
+    assert lr_at(OptimConfig(lr=0.3), 7, 20) == 0.3                       # flat by default

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from dpldm.config import DistributedConfig, OptimConfig
+from dpldm.distributed.env import init_distributed
+from dpldm.distributed.optim import make_optimizer, set_lr
 from dpldm.errors import DpldmError
 
 
@@ -89,10 +91,8 @@ class DeepSpeedEngine:
     """ZeRO-partitioned optimizer for the trainable parameters; the caller's module stays plain."""
 
     def __init__(self, module: nn.Module, trainable: dict[str, nn.Parameter], optim_cfg: OptimConfig,
-                 dist_cfg: DistributedConfig):
-        import deepspeed
-        from dpldm.distributed.engine import make_optimizer
-        from dpldm.distributed.env import init_distributed
+                 dist_cfg: DistributedConfig, total_steps: int = 0):
+        import deepspeed   # here, not at module top: importing deepspeed costs seconds and JIT-compiles ops
 
         ds_config = load_deepspeed_config(dist_cfg.deepspeed)
         self.stage = ds_config["zero_optimization"]["stage"]
@@ -104,8 +104,7 @@ class DeepSpeedEngine:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
         self.holder = _Holder(trainable)
-        self.base_lr = optim_cfg.lr
-        self.warmup = optim_cfg.warmup_steps
+        self.optim_cfg, self.total_steps = optim_cfg, total_steps
         self.steps = 0
         self._loaded = False
         optimizer = make_optimizer(list(self.holder.ps), optim_cfg)
@@ -138,9 +137,7 @@ class DeepSpeedEngine:
         self._feed([grads[n].detach() for n in self.trainable])
 
     def step(self) -> None:
-        if self.warmup:
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.base_lr * min(1.0, (self.steps + 1) / self.warmup)
+        set_lr(self.optimizer, self.optim_cfg, self.steps, self.total_steps)
         self.ds.step()
         self.steps += 1
         self._sync_module()

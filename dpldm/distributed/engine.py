@@ -13,25 +13,18 @@ import torch
 from torch import nn
 
 from dpldm.config import DistributedConfig, OptimConfig
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=cfg.weight_decay)
+from dpldm.distributed.optim import make_optimizer, set_lr
 
 
 class TorchEngine:
     """Single-process (or replicated, grads already reduced by the caller) torch optimizer."""
 
-    def __init__(self, module: nn.Module, trainable: dict[str, nn.Parameter], optim_cfg: OptimConfig):
+    def __init__(self, module: nn.Module, trainable: dict[str, nn.Parameter], optim_cfg: OptimConfig,
+                 total_steps: int = 0):
         self.module = module
         self.trainable = trainable
         self.optimizer = make_optimizer(list(trainable.values()), optim_cfg)
-        self.warmup = optim_cfg.warmup_steps
-        self.base_lr = optim_cfg.lr
+        self.optim_cfg, self.total_steps = optim_cfg, total_steps
         self.steps = 0
 
     def params(self) -> dict[str, torch.Tensor]:
@@ -57,9 +50,7 @@ class TorchEngine:
             p.grad = grads[name].to(p.dtype).reshape(p.shape).clone()
 
     def step(self) -> None:
-        if self.warmup:
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.base_lr * min(1.0, (self.steps + 1) / self.warmup)
+        set_lr(self.optimizer, self.optim_cfg, self.steps, self.total_steps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
@@ -74,8 +65,9 @@ class TorchEngine:
 
 
 def make_engine(module: nn.Module, trainable: dict[str, nn.Parameter], optim_cfg: OptimConfig,
-                dist_cfg: DistributedConfig):
-    if dist_cfg.deepspeed:
+                dist_cfg: DistributedConfig, total_steps: int = 0):
+    """`total_steps` (0 = unknown) sets the end of the learning-rate decay (dpldm/distributed/optim.py)."""
+    if dist_cfg.deepspeed:   # imported here: deepspeed is heavy and optional for single-process runs
         from dpldm.distributed.deepspeed_engine import DeepSpeedEngine
-        return DeepSpeedEngine(module, trainable, optim_cfg, dist_cfg)
-    return TorchEngine(module, trainable, optim_cfg)
+        return DeepSpeedEngine(module, trainable, optim_cfg, dist_cfg, total_steps)
+    return TorchEngine(module, trainable, optim_cfg, total_steps)

@@ -1,40 +1,49 @@
-"""Exponential moving average of a module's floating-point parameters (for pretraining).
+"""Exponential moving average of a module's parameters, or of a named subset of them.
 
-    ema = EMA(unet, decay=0.999); ...; ema.update(unet)   # after each optimizer step
+    ema = EMA(unet, decay=0.999); ...; ema.update(unet)   # pretraining: after each optimizer step
     ema.copy_to(unet_copy)                                 # EMA weights into a module of the same shape
+    ema = EMA(trainable, decay=0.9)                        # DP fine-tune: the adapter's {name: parameter}
+
+Averaging the iterates of a DP run is post-processing of its noisy updates: it costs no privacy.
 
 The effective decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (as diffusers'
 EMAModel), so short runs are not dominated by the random initialisation.
 """
 from __future__ import annotations
 
+from typing import Iterable, Mapping
+
 import torch
 from torch import nn
 
 
+def _named(params: nn.Module | Mapping[str, torch.Tensor]) -> Iterable[tuple[str, torch.Tensor]]:
+    return params.named_parameters() if isinstance(params, nn.Module) else params.items()
+
+
 class EMA:
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, params: nn.Module | Mapping[str, torch.Tensor], decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay must be in [0, 1); got {decay}")
         self.decay = decay
         self.updates = 0
-        self.shadow = {n: p.detach().clone().float() for n, p in module.named_parameters()}
+        self.shadow = {n: p.detach().clone().float() for n, p in _named(params)}
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, params: nn.Module | Mapping[str, torch.Tensor]) -> None:
         d = self.current_decay()
-        for n, p in module.named_parameters():
+        for n, p in _named(params):
             self.shadow[n].lerp_(p.detach().float(), 1.0 - d)
         self.updates += 1
 
     @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> nn.Module:
-        for n, p in module.named_parameters():
+    def copy_to(self, params: nn.Module | Mapping[str, torch.Tensor]):
+        for n, p in _named(params):
             p.copy_(self.shadow[n].to(device=p.device, dtype=p.dtype))
-        return module
+        return params
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors-friendly); the update count rides along as a 0-d tensor."""

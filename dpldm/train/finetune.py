@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 
 from dpldm.config import Config, load_config, save_config
@@ -32,6 +33,7 @@ from dpldm.distributed.agreement import cache_fingerprint, check_ranks_agree, ch
 from dpldm.distributed.env import all_reduce_sum_, init_distributed
 from dpldm.errors import DpldmError
 from dpldm.models.diffusion_loss import diffusion_loss, example_draws
+from dpldm.models.ema import EMA
 from dpldm.privacy import accountant as acc
 from dpldm.privacy.dp_step import add_noise_and_normalize, assert_dp_compatible, clipped_grad_sum, noise_generator
 from dpldm.privacy.ledger import EXPLICIT_SEED_WARNING, Ledger
@@ -88,6 +90,9 @@ class ConditionEncoder:
         return cond
 
 
+EMA_FILE = "ema.safetensors"   # inside a checkpoint: the iterate average (train.ema_decay)
+
+
 class FinetuneTrainer(Trainer):
     def __init__(self, cfg, run_dir, comps, cache: LatentCache, trainable, total_steps, env, ledger: Ledger,
                  sampler: PoissonSampler, device, seed: int):
@@ -100,6 +105,7 @@ class FinetuneTrainer(Trainer):
         self.clip = cfg.privacy.max_grad_norm if cfg.privacy.enabled else None
         self.sigma = ledger.noise_multiplier
         self.clip_groups = clip_groups(cfg.privacy.clip_groups, list(trainable)) if self.private else None
+        self.ema = EMA(self.engine.params(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self._eps_cache: tuple[int, float] | None = None
 
     def _loss_fn(self, params, x0, cond, t, noise):
@@ -146,8 +152,7 @@ class FinetuneTrainer(Trainer):
             all_reduce_sum_(grad_sum)
             all_reduce_sum_(counts)
             n_global, loss_global = int(counts["n"][0]), float(counts["n"][1])
-            self.engine.set_grads({k: v / expected for k, v in grad_sum.items()})
-            self.engine.step()
+            self._optimizer_step({k: v / expected for k, v in grad_sum.items()})
             return {"loss": loss_global / n_global if n_global else float("nan"), "samples": n_global}
         # private: the clipped sum's statistics (loss, norms, clipped count) and the drawn batch size are
         # private and are dropped here; only the noised gradient leaves this method (privacy invariant 8)
@@ -157,9 +162,14 @@ class FinetuneTrainer(Trainer):
         noise = noise_generator(self.seed, step, device=self.device, secure=cfg.privacy.secure_rng)
         grads = add_noise_and_normalize(grad_sum, self.sigma, self.clip, expected, noise)
         check_same_value(f"finetune step {step}", noise.checksum)
+        self._optimizer_step(grads)
+        return {"samples": expected}     # throughput from the expected batch size, not the drawn one
+
+    def _optimizer_step(self, grads: dict) -> None:
         self.engine.set_grads(grads)
         self.engine.step()
-        return {"samples": expected}     # throughput from the expected batch size, not the drawn one
+        if self.ema is not None:
+            self.ema.update(self.engine.params())
 
     def epsilon_at(self, steps: int) -> float:
         if self._eps_cache is None or self._eps_cache[0] != steps:
@@ -177,14 +187,34 @@ class FinetuneTrainer(Trainer):
 
     def load_extra_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        if self.ema is not None:
+            path = self.latest_checkpoint() / EMA_FILE
+            if not path.is_file():
+                raise DpldmError(f"{path} is missing: this checkpoint was written without train.ema_decay; "
+                                 "resume with the settings the run started with")
+            self.ema.load_state_dict(load_file(str(path)))
+
+    def write_checkpoint_files(self, folder: Path) -> None:
+        if self.ema is not None:
+            save_file(self.ema.state_dict(), str(folder / EMA_FILE))
 
     def on_checkpoint(self, step: int) -> None:
+        """Ledger first, then the adapter (the EMA of the iterates when train.ema_decay > 0): a published
+        adapter is never ahead of its ledger."""
         from dpldm.models.adapters import save_adapter
         if self.env.is_main:
             self.epsilon_at(step)
             self.ledger.steps = step
             self.ledger.save(self.run_dir)
+            params = self.engine.params()
+            last = {k: v.detach().clone() for k, v in params.items()} if self.ema is not None else None
+            if self.ema is not None:
+                self.ema.copy_to(params)
             save_adapter(self.module, self.cfg.adapter, self.run_dir / "adapter")
+            if last is not None:
+                with torch.no_grad():
+                    for k, v in params.items():
+                        v.copy_(last[k])
 
 
 def clip_groups(patterns: list[str], names: list[str]) -> list[list[str]] | None:
@@ -267,7 +297,7 @@ def run_finetune(cfg: Config) -> Path:
     if ledger.private:
         ledger.check_budget(steps)
     seed, _ = run_seed(cfg.seed, run_dir, env)
-    torch.manual_seed(RunRandomness(seed).int_seed("init", env.rank))   # adapter init (data-independent)
+    torch.manual_seed(RunRandomness(seed).int_seed("init"))   # adapter init: data-independent, same on every rank
     attach_adapter(comps.unet, cfg.adapter)
     comps.unet.to(device)
     trainable = trainable_named_parameters(comps.unet)

@@ -59,7 +59,7 @@ class Trainer:
         self.trainable = trainable
         self.total_steps = total_steps
         self.env = env
-        self.engine = make_engine(module, trainable, cfg.optim, cfg.distributed)
+        self.engine = make_engine(module, trainable, cfg.optim, cfg.distributed, total_steps)
         self.step = 0
         self.samples_seen = 0
         self.seed = public_seed(cfg)   # the run seed; a private run's trainer sets its secret one
