@@ -60,3 +60,36 @@ def test_an_older_cache_with_an_unlabeled_example_is_refused_on_load(tmp_path):
     np.save(cache.path / "labels.npy", labels)
     with pytest.raises(DpldmError, match="1 of 4 examples in latent cache .* have no label"):
         LatentCache(cache.path)
+
+
+def test_private_shards_truncated_against_their_pack_manifest_are_refused(tmp_path):
+    """Shards copied half-way must not train silently on what is left (N and q would change without a word)."""
+    import shutil
+    import tarfile
+
+    from dpldm.data.pack import pack
+    packed = tmp_path / "packed"
+    pack("mnist", packed, split="train", limit=48, shard_size=16, verbose=False)
+    assert len(_build(tmp_path, packed)) == 48                         # complete: builds
+    missing = tmp_path / "missing"
+    shutil.copytree(packed, missing)
+    sorted(missing.glob("shard-*.tar"))[-1].unlink()                   # a shard never arrived
+    with pytest.raises(DpldmError, match=r"read 32 samples from .* but its dataset.json counts 48: the shards are "
+                                         r"truncated or incomplete"):
+        _build(tmp_path, missing)
+    cut = tmp_path / "cut"
+    shutil.copytree(packed, cut)
+    last = sorted(cut.glob("shard-*.tar"))[-1]                         # cut at a sample boundary: a valid tar
+    with tarfile.open(last) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    keep = sorted({m.name.split(".")[0] for m, _ in members})[:5]
+    with tarfile.open(last, "w") as dst:
+        for m, data in members:
+            if m.name.split(".")[0] in keep:
+                dst.addfile(m, io.BytesIO(data))
+    with pytest.raises(DpldmError, match="read 37 samples"):
+        _build(tmp_path, cut)
+    logged = []
+    from dpldm.data.stream import check_complete
+    check_complete(str(_shards(tmp_path / "foreign", [0, 1])), 2, log=logged.append)   # no manifest: a notice
+    assert "cannot be checked" in logged[0]

@@ -103,7 +103,7 @@ def is_fresh(path: Path, source: str, identity: str, cfg: Config) -> bool:
 @torch.no_grad()
 def build_cache(cfg: Config, vae, path: Path, log=print) -> LatentCache:
     """Stream the private shards once through the frozen VAE (single process) into `path`."""
-    from dpldm.data.stream import stream_loader
+    from dpldm.data.stream import check_complete, stream_loader
     from dpldm.models.pipeline import encode_images
 
     if not cfg.data.private:
@@ -135,6 +135,8 @@ def build_cache(cfg: Config, vae, path: Path, log=print) -> LatentCache:
             log(f"encode: {n} private examples ({n / (time.time() - t0):.0f}/s)")
     if not means:
         raise DpldmError(f"data.private: no samples found in {cfg.data.private}")
+    if not cfg.data.limit:
+        check_complete(cfg.data.private, n, log=log)     # every private example the manifest counts, or stop
     n_keep = min(n, cfg.data.limit) if cfg.data.limit else n
     lat, sd, lab = (np.concatenate(a)[:n_keep] for a in (means, stds, labels))
     texts, keys = texts[:n_keep], keys[:n_keep]

@@ -419,3 +419,27 @@ def count_samples(pattern: str) -> int:
         except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as e:
             raise DpldmError(f"shard {url}: unreadable tar ({type(e).__name__}: {e})") from None
     return total
+
+
+def manifest_count(pattern: str) -> Optional[int]:
+    """The sample count `dpldm data pack` recorded in DIR/dataset.json for a shard directory (None: no manifest,
+    e.g. shards written by another tool, or a pattern rather than a directory)."""
+    meta = Path(pattern) / "dataset.json"
+    if "://" in pattern or pattern.startswith("pipe:") or not meta.is_file():
+        return None
+    try:
+        return int(json.loads(meta.read_text())["count"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DpldmError(f"{meta}: malformed pack manifest (expected a 'count'; {e})") from None
+
+
+def check_complete(pattern: str, read: int, log=print) -> None:
+    """DpldmError when a private set yielded fewer or more samples than its pack manifest counts (shards copied
+    half-way, a full node-local disk): training on what is left would silently change N. Without a manifest, a
+    notice says the count cannot be checked."""
+    expected = manifest_count(pattern)
+    if expected is None:
+        log(f"data: {pattern} has no dataset.json manifest: its sample count ({read}) cannot be checked")
+    elif read != expected:
+        raise DpldmError(f"data: read {read} samples from {pattern} but its dataset.json counts {expected}: the "
+                         "shards are truncated or incomplete (copied half-way? a disk filled up?); re-copy or re-pack")
