@@ -107,7 +107,8 @@ def test_clip_groups_recorded_checked_and_label_index_prompts(tmp_path, assets):
     ledger = json.loads((run / "privacy.json").read_text())
     assert ledger["clip_groups"] == ["attn2"] and ledger["private"]
     pipeline_meta = json.loads((pipe / "dpldm.json").read_text())
-    assert json.loads((run / "classes.json").read_text())["class_names"] == pipeline_meta["class_names"]
+    classes = json.loads((run / "classes.json").read_text())
+    assert classes["class_names"] == pipeline_meta["class_names"] and classes["source"] == "pipeline"
     with pytest.raises(DpldmError, match="clip_groups"):
         ft.run_finetune(finetune_config(tmp_path, pipe, shards, **{**groups, "train.steps": 2,
                                                                    "privacy.clip_groups": ["attn1"]}))

@@ -93,9 +93,12 @@ def public_classes(run_dir: Path, cfg, pipeline_meta: dict) -> dict:
     trained = run_dir / "classes.json"
     if not trained.is_file():
         return {}
-    names = list(json.loads(trained.read_text()).get("class_names") or [])
-    if names and names == list(pipeline_meta.get("class_names") or []):
-        return {}                                      # the pipeline's own names: already in its meta
+    written = json.loads(trained.read_text())
+    names = list(written.get("class_names") or [])
+    public = written.get("source") in ("config", "pipeline") if "source" in written else \
+        names == list(pipeline_meta.get("class_names") or [])    # older runs: compare with the pipeline's
+    if names and public:
+        return {}                                      # public names: already in the config or the pipeline meta
     return {"omitted": [f"classes.json of {run_dir.name}: {len(names)} class names derived from the private "
                         "labels (not a public name list); set model.class_names to export public names"]}
 

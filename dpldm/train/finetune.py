@@ -59,9 +59,11 @@ class ConditionEncoder:
         # the private set's classes: named in the config, else the pipeline's own, else "0".."K-1"
         if cfg.model.class_names:
             self.class_names, template = list(cfg.model.class_names), cfg.model.prompt_template
+            self.names_source = "config"
         else:
             self.class_names = list(meta.get("class_names") or [])
             template = meta.get("prompt_template") or cfg.model.prompt_template
+            self.names_source = "pipeline"
         self.template = template
         self.use_labels = bool(cache.meta.get("labels_present")) and not any(cache.texts)
         self.null = self._encode([""]).to(device)[0]
@@ -73,6 +75,7 @@ class ConditionEncoder:
                     raise DpldmError(f"model: the pipeline names {len(self.class_names)} classes but the private "
                                      f"data has labels up to {n_classes - 1}")
                 self.class_names = [str(i) for i in range(n_classes)]
+                self.names_source = "private labels"     # their number is a statistic of the private set
             self.prompts = class_prompts(self.class_names, template)
             self.table = self._encode(self.prompts).to(device)
 
@@ -318,7 +321,8 @@ def run_finetune(cfg: Config) -> Path:
         "sampler": sampler.state_dict(), "sigma": sigma, "steps": steps})
     if env.is_main and trainer.cond.use_labels:  # the prompts `dpldm sample` must use for this run
         (run_dir / "classes.json").write_text(json.dumps(
-            {"class_names": trainer.cond.class_names, "prompt_template": trainer.cond.template}, indent=2))
+            {"class_names": trainer.cond.class_names, "prompt_template": trainer.cond.template,
+             "source": trainer.cond.names_source}, indent=2))
     trainer.fit()
     if ledger.private:
         log(f"finetune: done, ({ledger.epsilon:.4g}, {ledger.delta:g})-DP spent ({ledger.accountant})", env)
