@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--format", choices=["png", "jpg"], default="png", help="image encoding")
     pack.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier pack in --out")
     pack.add_argument("--workers", type=int, default=0, help="processes writing shards (0 = one per CPU, max 8)")
+    pack.add_argument("--private", action="store_true",
+                      help="mark the set private in dataset.json (inspect then writes no image grid by default)")
     pack.set_defaults(handler="dpldm.data.pack:main")
     insp = data_verbs.add_parser("inspect", help="sample count, class histogram, sizes, grid PNG")
     insp.add_argument("shards", help="shard directory, brace pattern or pipe: URL")

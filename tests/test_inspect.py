@@ -31,3 +31,11 @@ def test_a_set_marked_private_gets_no_default_grid(shards, tmp_path, capsys):
     assert PRIVATE_OUTPUT_WARNING in err
     assert cli(["data", "inspect", str(shards), "--grid", str(tmp_path / "private" / "g.png")]) == 0
     assert (tmp_path / "private" / "g.png").exists()                             # explicit path: written
+
+
+def test_pack_private_marks_the_set_and_inspect_respects_it(tmp_path, capsys):
+    out = tmp_path / "priv"
+    assert cli(["data", "pack", "mnist", "--out", str(out), "--limit", "20", "--shard-size", "10", "--private"]) == 0
+    assert json.loads((out / "dataset.json").read_text())["private"] is True
+    assert cli(["data", "inspect", str(out)]) == 0
+    assert not (out / "inspect_grid.png").exists() and "marked private" in capsys.readouterr().out

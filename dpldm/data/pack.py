@@ -32,9 +32,11 @@ def _record_size(image) -> tuple[int, int]:
 
 
 def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int = 10000, limit: int = 0,
-         fmt: str = "png", overwrite: bool = False, workers: int = 0, verbose: bool = True) -> dict:
+         fmt: str = "png", overwrite: bool = False, workers: int = 0, verbose: bool = True,
+         private: bool = False) -> dict:
     """Pack SOURCE into OUT/shard-NNNNNN.tar (shards written in parallel by `workers` spawned
-    processes; 0 = one per CPU, at most 8); returns the dataset.json contents."""
+    processes; 0 = one per CPU, at most 8); returns the dataset.json contents. `private` marks the set
+    private in dataset.json (`dpldm data inspect` then writes no grid of its images by default)."""
     if shard_size < 1:
         raise DpldmError(f"--shard-size must be a positive number of samples; got {shard_size}")
     if limit < 0:
@@ -52,6 +54,9 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
         if done is not None and not overwrite:
             if verbose:
                 print(f"{out}: already packed ({done['count']} samples); nothing to do")
+            if private and not done.get("private"):
+                done["private"] = True
+                meta_path.write_text(json.dumps(done, indent=1))
             return done
         if not overwrite:
             raise DpldmError(f"--out {out} already holds shards of a different or unfinished pack; "
@@ -97,6 +102,7 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
         "captions": captions["txt"],
         "sizes": dict(sizes),
         "shards": shards,
+        "private": bool(private),
     }
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
@@ -168,5 +174,6 @@ def _finished(meta_path: Path, request: dict) -> dict | None:
 
 def main(args) -> int:
     pack(args.source, args.out, split=args.split, shard_size=args.shard_size, limit=args.limit,
-         fmt=args.format, overwrite=getattr(args, "overwrite", False), workers=getattr(args, "workers", 0))
+         fmt=args.format, overwrite=getattr(args, "overwrite", False), workers=getattr(args, "workers", 0),
+         private=getattr(args, "private", False))
     return 0
