@@ -20,6 +20,7 @@ from tqdm import tqdm
 from dpldm.config import Config, load_config
 from dpldm.errors import DpldmError
 from dpldm.rng import RunRandomness
+from dpldm.run_dir import RunDir, SAMPLES_META
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
 
@@ -35,25 +36,26 @@ def load_run(path: str | Path, device: str = "cpu") -> Loaded:
     """A fine-tune run dir (config.yaml + adapter/), a pretrain run dir (pipeline/), or a pipeline folder."""
     from dpldm.models.pipeline import load_pipeline
     path = Path(path)
+    run = RunDir(path)
     if (path / "model_index.json").exists():
         comps = load_pipeline(path, device=device)
         return Loaded(comps, None, dict(getattr(comps, "meta", {}) or {}))
     if (path / "pipeline" / "model_index.json").exists():
         comps = load_pipeline(path / "pipeline", device=device)
-        cfg = load_config(path / "config.yaml") if (path / "config.yaml").exists() else None
+        cfg = load_config(run.config) if run.config.exists() else None
         return Loaded(comps, cfg, dict(getattr(comps, "meta", {}) or {}))
-    if not (path / "config.yaml").exists():
+    if not run.config.exists():
         raise DpldmError(f"{path}: not a run directory (no config.yaml) nor a pipeline folder (no model_index.json)")
-    cfg = load_config(path / "config.yaml")
+    cfg = load_config(run.config)
     comps = load_pipeline(cfg.model.pretrained, device=device)
-    if (path / "adapter").exists():
+    if run.adapter.exists():
         from dpldm.models.adapters import load_adapter
-        load_adapter(comps.unet, path / "adapter")
+        load_adapter(comps.unet, run.adapter)
         comps.unet.to(device)
     comps.unet.eval()
     meta = dict(getattr(comps, "meta", {}) or {})
-    if (path / "classes.json").exists():  # the fine-tune's own class prompts override the pipeline's
-        meta.update(json.loads((path / "classes.json").read_text()))
+    if run.classes.exists():  # the fine-tune's own class prompts override the pipeline's
+        meta.update(json.loads(run.classes.read_text()))
     return Loaded(comps, cfg, meta)
 
 
@@ -178,7 +180,7 @@ def sample_run(run: str | Path, out: str | Path | None = None, *, n: int | None 
     write_outputs(images, indices, prompts, labels, out, env.rank)
     if env.is_main:
         save_grid(images[:100], out / "grid.png", nrow=10 if labels[0] >= 0 else None)
-        (out / "samples.json").write_text(json.dumps({"n": n, "resolution": int(res), **settings,
+        (out / SAMPLES_META).write_text(json.dumps({"n": n, "resolution": int(res), **settings,
                                                       "labels": labels[:n], "run": str(run)}, indent=2))
         print(f"sample: wrote {n} images to {out} (grid {out / 'grid.png'})")
     barrier()

@@ -18,6 +18,7 @@ from dpldm.errors import DpldmError
 from dpldm.eval.classifier import evaluate_synthetic
 from dpldm.eval.report import read_ledger, row_from_ledger, write_report
 from dpldm.eval.shards import load_shards
+from dpldm.run_dir import RunDir
 
 FID_MAX_IMAGES = 500   # ~5 img/s through Inception on a CPU; set sizes are stated in the report
 
@@ -27,12 +28,12 @@ def _log(msg: str) -> None:
 
 
 def _eval_config(run: Path) -> EvalConfig:
-    cfg_path = run / "config.yaml"
+    cfg_path = RunDir(run).config
     return load_config(cfg_path).eval if cfg_path.is_file() else EvalConfig()
 
 
 def _method_name(run: Path, ledger: dict) -> str:
-    cfg_path = run / "config.yaml"
+    cfg_path = RunDir(run).config
     kind = f" {load_config(cfg_path).adapter.kind}" if cfg_path.is_file() else ""
     return f"dpldm{kind} ({run.name})" if ledger.get("private", False) else f"dpldm{kind} ({run.name}, no DP)"
 

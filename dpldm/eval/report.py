@@ -19,6 +19,7 @@ from pathlib import Path
 from dpldm.errors import DpldmError
 from dpldm.eval import total_cost as tc
 from dpldm.eval.report_figures import grid_for, plot_privacy_utility
+from dpldm.run_dir import RunDir
 
 PRIVACY_SCOPE = ("The (ε, δ) guarantee covers the private fine-tuning data only: each private example's "
                  "influence on the released model and samples is bounded. It says nothing about the public "
@@ -29,7 +30,7 @@ SELECTION_DEFAULT = ("Not declared. Any checkpoint, hyper-parameter or run chose
 
 def read_ledger(run_dir: str | Path) -> dict:
     """The run's privacy.json as a dict (DpldmError naming the file when missing or invalid)."""
-    path = Path(run_dir) / "privacy.json"
+    path = RunDir(run_dir).ledger
     if not path.is_file():
         raise DpldmError(f"report: {path} not found (every run dir needs its privacy ledger)")
     try:

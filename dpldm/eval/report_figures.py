@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from dpldm.eval.total_cost import has_explicit_seed, row_kind
+from dpldm.run_dir import RunDir
 
 GRID_PER_CLASS = 10       # samples shown per class row
 GRID_MAX_CLASSES = 20     # classes shown (the first ones) in one grid
@@ -73,7 +74,7 @@ def class_labels_of(run: Path) -> tuple[list[str], bool]:
     with the pipeline's k-th prompt). Never classes.json, which may be derived from the private labels."""
     from dpldm.config import load_config
     from dpldm.errors import DpldmError
-    cfg_file = run / "config.yaml"
+    cfg_file = RunDir(run).config
     try:
         cfg = load_config(cfg_file) if cfg_file.is_file() else None
     except DpldmError:                      # a config this version cannot read: label rows by class index
@@ -97,7 +98,7 @@ def _row_label(k: int, names: list[str], pipeline: bool) -> str:
 def class_grid(run: Path, dst: Path) -> bool:
     """A grid of the run's samples with one row per class, labelled "k · name"; False when the samples carry
     no class labels (text prompts) or their images are missing."""
-    meta_file, images = run / "samples" / "samples.json", run / "samples" / "images"
+    meta_file, images = RunDir(run).samples_meta, run / "samples" / "images"
     if not meta_file.is_file() or not images.is_dir():
         return False
     labels = json.loads(meta_file.read_text()).get("labels") or []

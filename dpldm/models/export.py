@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from dpldm.config import AdapterConfig, load_config
 from dpldm.errors import DpldmError
 from dpldm.models.pipeline import Components, load_pipeline, save_pipeline
+from dpldm.run_dir import RunDir
 
 ADAPTER_JSON = "dpldm_adapter.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -90,7 +91,7 @@ def public_classes(run_dir: Path, cfg, pipeline_meta: dict) -> dict:
     omitted and recorded under "omitted"."""
     if cfg.model.class_names:
         return {"class_names": list(cfg.model.class_names), "prompt_template": cfg.model.prompt_template}
-    trained = run_dir / "classes.json"
+    trained = RunDir(run_dir).classes
     if not trained.is_file():
         return {}
     written = json.loads(trained.read_text())
@@ -105,11 +106,11 @@ def public_classes(run_dir: Path, cfg, pipeline_meta: dict) -> dict:
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out)
-    cfg_file = run_dir / "config.yaml"
+    cfg_file = RunDir(run_dir).config
     if not cfg_file.is_file():
         raise DpldmError(f"{run_dir}: no config.yaml; expected a run directory written by `dpldm finetune`")
     cfg = load_config(cfg_file)
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = RunDir(run_dir).adapter
     if not adapter_dir.is_dir():
         raise DpldmError(f"{run_dir}: no adapter/ folder; has the run written a checkpoint yet?")
     comps = load_pipeline(cfg.model.pretrained)

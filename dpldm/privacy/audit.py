@@ -31,6 +31,7 @@ import torch
 from scipy import stats
 
 from dpldm.errors import DpldmError
+from dpldm.run_dir import RunDir
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def canary_scores(pretrained: str, run_dir: Path, images, labels, prompts, k: in
 
     comps = load_pipeline(pretrained)
     before = diffusion_losses(comps, comps.unet, images, labels, prompts, k, seed)
-    load_adapter(comps.unet, run_dir / "adapter")
+    load_adapter(comps.unet, RunDir(run_dir).adapter)
     after = diffusion_losses(comps, comps.unet, images, labels, prompts, k, seed)
     return before - after
 
@@ -238,7 +239,7 @@ def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out
     ft_cfg.model.class_names = names
     ft_cfg.output.dir = str(out / "finetune")
     run_dir = run_finetune(ft_cfg)
-    ledger = json.loads((run_dir / "privacy.json").read_text())
+    ledger = json.loads(RunDir(run_dir).ledger.read_text())
 
     prompts = class_prompts(names, cfg.model.prompt_template)
     scores = canary_scores(cfg.model.pretrained, run_dir, cx, cy, prompts)

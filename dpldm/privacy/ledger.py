@@ -26,8 +26,9 @@ from typing import Any, Optional
 from dpldm import __version__
 from dpldm.errors import DpldmError, PrivacyBudgetExceeded
 from dpldm.privacy import accountant as _accountant
+from dpldm.run_dir import LEDGER
 
-LEDGER_FILE = "privacy.json"
+LEDGER_FILE = LEDGER
 EXPLICIT_SEED_WARNING = ("EXPLICIT SEED: the noise and the Poisson batches are reproducible by whoever has the seed "
                          "(it is in config.yaml); not a release")
 BUDGET_RTOL = 1e-6

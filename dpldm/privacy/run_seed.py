@@ -19,13 +19,13 @@ from pathlib import Path
 from dpldm.distributed.agreement import broadcast_from_main
 from dpldm.errors import DpldmError
 from dpldm.rng import secret_seed
+from dpldm.run_dir import RunDir
 
-PRIVATE_DIR = "private"
 SEED_FILE = "seed.json"
 
 
 def seed_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / PRIVATE_DIR / SEED_FILE
+    return RunDir(run_dir).private / SEED_FILE
 
 
 def _read(path: Path) -> tuple[int, str]:

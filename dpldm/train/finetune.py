@@ -40,6 +40,7 @@ from dpldm.privacy.ledger import EXPLICIT_SEED_WARNING, Ledger
 from dpldm.privacy.run_seed import run_seed, seed_path
 from dpldm.rng import RunRandomness
 from dpldm.train.trainer import Trainer, log
+from dpldm.run_dir import RunDir
 
 
 def example_flips(seed: int, step: int, indices) -> np.ndarray:
@@ -213,7 +214,7 @@ class FinetuneTrainer(Trainer):
             last = {k: v.detach().clone() for k, v in params.items()} if self.ema is not None else None
             if self.ema is not None:
                 self.ema.copy_to(params)
-            save_adapter(self.module, self.cfg.adapter, self.run_dir / "adapter")
+            save_adapter(self.module, self.cfg.adapter, RunDir(self.run_dir).adapter)
             if last is not None:
                 with torch.no_grad():
                     for k, v in params.items():
@@ -282,7 +283,7 @@ def run_finetune(cfg: Config) -> Path:
         raise DpldmError("model.pretrained: set it to a diffusers pipeline folder (Stable-Diffusion layout)")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, RunDir(run_dir).config)
     comps = load_pipeline(cfg.model.pretrained, device=str(device))
     cfg = images_as_the_autoencoder_takes_them(cfg, comps.vae, env)
     cache = ensure_cache(cfg, comps.vae, env, log=lambda m: log(m, env))
@@ -320,7 +321,7 @@ def run_finetune(cfg: Config) -> Path:
         "N": n, "cache": cache_fingerprint(cache), "seed": RunRandomness(seed).int_seed("agreement"),
         "sampler": sampler.state_dict(), "sigma": sigma, "steps": steps})
     if env.is_main and trainer.cond.use_labels:  # the prompts `dpldm sample` must use for this run
-        (run_dir / "classes.json").write_text(json.dumps(
+        RunDir(run_dir).classes.write_text(json.dumps(
             {"class_names": trainer.cond.class_names, "prompt_template": trainer.cond.template,
              "source": trainer.cond.names_source}, indent=2))
     trainer.fit()
@@ -353,7 +354,7 @@ def check_spent_steps_resumable(ledger: Ledger, run_dir: Path) -> None:
     first spending (and, with another seed or lr, release a second model trained on the same data)."""
     if ledger.steps == 0:
         return
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists())
+    ckpts = sorted(p for p in RunDir(run_dir).checkpoints.glob("step-*") if (p / "state.json").exists())
     last = int(ckpts[-1].name.split("-")[1]) if ckpts else None
     problem = None
     if last is None or last < ledger.steps:

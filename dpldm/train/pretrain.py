@@ -28,6 +28,7 @@ from dpldm.models.diffusion_loss import diffusion_loss
 from dpldm.models.ema import EMA
 from dpldm.rng import RunRandomness
 from dpldm.train.trainer import Trainer, log, public_seed
+from dpldm.run_dir import RunDir
 
 KL_WEIGHT = 1e-6          # on the per-example KL sum, relative to the per-example L1 sum (as SD's VAE)
 SCALE_SAMPLES = 512       # images used to measure the latent scaling factor
@@ -289,7 +290,7 @@ def run_pretrain(cfg: Config, what: str) -> Trainer:
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(cfg.output.dir) / what
     if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, RunDir(run_dir).config)
     cls = AutoencoderTrainer if what == "autoencoder" else UNetTrainer
     rng = RunRandomness(public_seed(cfg))
     torch.manual_seed(rng.int_seed("init"))                # same initial weights on every rank

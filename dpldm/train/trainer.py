@@ -24,6 +24,7 @@ from dpldm.config import Config
 from dpldm.distributed.engine import make_engine
 from dpldm.distributed.env import DistEnv, barrier
 from dpldm.rng import RunRandomness
+from dpldm.run_dir import RunDir
 
 # Exit code after a checkpoint written on SIGUSR1/SIGTERM: "preempted, re-run the same command to resume".
 EXIT_PREEMPTED = 75
@@ -54,7 +55,7 @@ class Trainer:
                  total_steps: int, env: DistEnv):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = RunDir(self.run_dir).checkpoints
         self.module = module
         self.trainable = trainable
         self.total_steps = total_steps
