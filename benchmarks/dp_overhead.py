@@ -246,7 +246,124 @@ def table(results: dict, args) -> str:
             f"and output gradients + book-keeping sum, one backward; {LABELS['dp_ghost_rw']}: the same norms, "
             "sum by a second backward of the reweighted loss. All DP variants add the noise once. Peak memory: "
             "growth of peak RSS (CPU) or of max_memory_allocated (GPU) during a first step, in a fresh process. "
-            "`benchmarks/dp_overhead.py` regenerates these tables.")
+            f"Load average at the start of the run: {args.load_start:.1f} on {os.cpu_count()} cores (a shared "
+            "machine: timings are noisy). Reproduce: `.venv/bin/python benchmarks/dp_overhead.py`.")
+    return "\n".join(lines) + "\n\n" + note
+
+
+# -- Stable-Diffusion scale (--sd) ----------------------------------------------------------------
+
+SD15_UNET = dict(                         # the public SD-1.5 unet/config.json, typed in (random weights)
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8)
+SD_VARIANTS = ["nondp", "dp", "dp_ghost"]
+
+
+def sd_steps(microbatch: int, threads: int):
+    """The SD-1.5-size U-Net (attention adapter, 32×32×4 latents, 77×768 text states, K = 1), its
+    facts, and one step function per SD variant (gradient of one micro-batch)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.func import functional_call
+
+    from dpldm.config import AdapterConfig, ModelConfig
+    from dpldm.models.adapters import attach_adapter, trainable_named_parameters
+    from dpldm.models.diffusion_loss import diffusion_loss
+    from dpldm.models.pipeline import build_scheduler
+    from dpldm.privacy.dp_step import clipped_grad_sum
+    from dpldm.privacy.ghost_clipping import ghost_clipped_grad_sum
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(device)
+    attach_adapter(unet, AdapterConfig(kind="attention"))
+    params = trainable_named_parameters(unet)
+    alphas = build_scheduler(ModelConfig()).alphas_cumprod.to(device)
+    b = microbatch
+    batch = (torch.randn(b, 4, 32, 32, device=device), torch.randn(b, 77, 768, device=device),
+             torch.randint(0, 1000, (b, 1), device=device), torch.randn(b, 1, 4, 32, 32, device=device))
+
+    def batch_loss(p, x, c, tt, n):
+        call = lambda x_t, ts, cc: functional_call(unet, p, (x_t, ts), {"encoder_hidden_states": cc,
+                                                                         "return_dict": False})[0]
+        return diffusion_loss(call, alphas, x, c, tt, n)
+
+    def synced(fn):
+        def run():
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+    steps = {
+        "nondp": lambda: torch.autograd.grad(batch_loss(dict(params), *batch).sum(), list(params.values())),
+        "dp": lambda: clipped_grad_sum(lambda p, *ex: batch_loss(p, *(t[None] for t in ex))[0], params, batch,
+                                       1.0, b),
+        "dp_ghost": lambda: ghost_clipped_grad_sum(unet, params, batch_loss, batch, 1.0, b)}
+    facts = {"trainable": sum(p.numel() for p in params.values()), "total": sum(p.numel() for p in unet.parameters()),
+             "weights_bytes": sum(p.numel() * p.element_size() for p in unet.parameters())}
+    return torch, device, facts, {k: synced(v) for k, v in steps.items()}
+
+
+def measure_sd(what: str, microbatch: int, threads: int, repeat: int) -> dict:
+    """what = 'time': median of every SD variant interleaved over `repeat` rounds after a warm-up;
+    what = a variant: peak memory growth of its first step (a fresh process per call)."""
+    torch, device, facts, steps = sd_steps(microbatch, threads)
+    if what != "time":
+        return {**facts, "peak_bytes": peak_growth(torch, device, steps[what])}
+    times = {v: [] for v in SD_VARIANTS}
+    for rnd in range(repeat + 1):
+        for v in SD_VARIANTS:
+            t0 = time.perf_counter()
+            steps[v]()
+            if rnd:
+                times[v].append(time.perf_counter() - t0)
+    return {**facts, **{v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}}
+
+
+def sd_section(args) -> str:
+    res, load = {}, os.getloadavg()[0]
+    for mb in args.sd_microbatch:
+        for what in ["time"] + SD_VARIANTS:
+            cmd = [sys.executable, __file__, "--sd-child", what, str(mb), "--threads", str(args.threads),
+                   "--repeat", str(args.sd_repeat)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+            if out.returncode != 0:
+                raise SystemExit(f"dp_overhead --sd: {what} micro-batch {mb} failed:\n{out.stderr[-3000:]}")
+            res[what, mb] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"SD micro-batch {mb} {what}: {res[what, mb]}", flush=True)
+    any_r = next(iter(res.values()))
+    lines = ["| micro-batch | " + " | ".join(f"{LABELS[v]} time" for v in SD_VARIANTS) + " | "
+             + " | ".join(f"{LABELS[v]} peak mem" for v in SD_VARIANTS) + " |",
+             "|---" + "|---:" * (2 * len(SD_VARIANTS)) + "|"]
+    for mb in args.sd_microbatch:
+        base, tm = res["nondp", mb], res["time", mb]
+        lines.append(f"| {mb} | " + " | ".join(_cell(tm[v], tm["nondp"], "s", 1) for v in SD_VARIANTS)
+                     + " | " + " | ".join(_cell(res[v, mb]["peak_bytes"], base["peak_bytes"], "MiB", 2**-20)
+                                          for v in SD_VARIANTS) + " |")
+    fit = []
+    if len(args.sd_microbatch) >= 2:
+        lo, hi = min(args.sd_microbatch), max(args.sd_microbatch)
+        for v in SD_VARIANTS:
+            slope = (res[v, hi]["peak_bytes"] - res[v, lo]["peak_bytes"]) / (hi - lo)
+            fixed = res[v, lo]["peak_bytes"] - slope * lo + any_r["weights_bytes"] + 8 * any_r["trainable"]
+            room = 24 * 2**30 - fixed
+            fit.append(f"{LABELS[v]}: {fixed / 2**30:.1f} GiB + {slope / 2**30:.2f} GiB per example → "
+                       + (f"micro-batch ≤ {int(room // slope)}" if slope > 0 and room > 0 else "does not fit"))
+    note = (f"UNet2DConditionModel with the public SD-1.5 unet config typed in `benchmarks/dp_overhead.py` "
+            f"(random weights, {any_r['total'] / 1e6:.0f}M parameters, {any_r['weights_bytes'] / 2**30:.2f} GiB "
+            f"in fp32), attention adapter ({any_r['trainable'] / 1e6:.1f}M trainable), 32×32×4 latents "
+            f"(256×256 images), 77×768 text states, K = 1, fp32, {args.threads} CPU thread(s). One step "
+            "= gradient of one micro-batch (noise and optimizer excluded). Peak memory: growth of peak RSS "
+            "during the first step (weights excluded), each (variant, micro-batch) in a fresh process; time: "
+            f"median of {args.sd_repeat} interleaved rounds after a warm-up, one process per micro-batch; load "
+            f"average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores. "
+            "Reproduce: `.venv/bin/python benchmarks/dp_overhead.py --sd`. "
+            + ("In 24 GiB (fp32 weights + Adam state of the trainable parameters + the linear fit of the "
+               "micro-batches' step memory): "
+               + "; ".join(fit) + "." if fit else ""))
     return "\n".join(lines) + "\n\n" + note
 
 
@@ -260,7 +377,21 @@ def main() -> None:
     p.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     p.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     p.add_argument("--child", nargs=2, metavar=("KIND", "time|VARIANT"), help=argparse.SUPPRESS)
+    p.add_argument("--sd", action="store_true", help="only the SD-1.5-size U-Net step (minutes; several GiB)")
+    p.add_argument("--sd-microbatch", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--sd-repeat", type=int, default=2, help="timed rounds per SD micro-batch")
+    p.add_argument("--sd-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.sd_child:
+        print(json.dumps(measure_sd(args.sd_child[0], int(args.sd_child[1]), args.threads, args.repeat)))
+        return
+    if args.sd:
+        text = sd_section(args)
+        print("\n" + text)
+        if not args.no_doc:
+            from common import write_section
+            write_section("DP at Stable-Diffusion scale", text)
+        return
     if args.child:
         kind, what = args.child
         r = (measure_time(kind, args.batch, args.k, args.microbatch, args.repeat, args.threads) if what == "time"
@@ -268,6 +399,7 @@ def main() -> None:
         print(json.dumps(r))
         return
     results = {}
+    args.load_start = os.getloadavg()[0]
     for kind in args.kinds:
         r = run_child([kind, "time"], args)
         for v in VARIANTS:

@@ -2,6 +2,7 @@
 the same draws: every adapter kind, the quickstart U-Net and a small SD-layout U-Net, K > 1, clip
 groups, micro-batches, both norm forms, both sum modes, a non-finite example, and the fallback."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -102,7 +103,9 @@ def test_matches_torch_func_for_every_adapter_kind(model, kind):
     clip = typical_clip(unet, params, batch_loss, batch)
     ref = clipped_grad_sum(one, params, batch, clip, 5)
     assert 0 < ref[1]["clipped"] < 5                        # both branches of the clip factor are used
-    got = ghost_clipped_grad_sum(unet, params, batch_loss, batch, clip, 3)     # micro-batches 3 + 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GhostClippingNotice)                  # no torch.func fallback at all
+        got = ghost_clipped_grad_sum(unet, params, batch_loss, batch, clip, 3)     # micro-batches 3 + 2
     assert_same(got, ref)
     assert not plan_sites(unet, params).fallback and supports(unet, params)
 
@@ -173,7 +176,8 @@ def test_a_non_finite_example_contributes_zero(sum_mode):
 
 class Mixed(nn.Module):
     """Hooked layers next to ones the engine cannot see into: a reflect-padded conv, a bare parameter,
-    an embedding, and a Linear applied twice (weight sharing within one forward)."""
+    an embedding, a Linear applied twice (weight sharing within one forward), and a Linear whose
+    weight is used without calling it (so its hook never fires)."""
 
     def __init__(self):
         super().__init__()
@@ -184,10 +188,12 @@ class Mixed(nn.Module):
         self.emb = nn.Embedding(5, 8)
         self.twice = nn.Linear(8, 8)
         self.head = nn.Linear(8, 2)
+        self.bypassed = nn.Linear(8, 8, bias=False)
 
     def forward(self, x, label):
         h = torch.tanh(self.norm(self.reflect(self.conv(x)) + self.pos))
         h = h.mean((2, 3)) + self.emb(label)
+        h = h + torch.nn.functional.linear(h, self.bypassed.weight)
         return self.head(torch.tanh(self.twice(torch.tanh(self.twice(h)))))
 
 
@@ -214,13 +220,16 @@ def test_fallback_parameters_join_the_same_norms():
     assert set(plan.fallback) == {"reflect.weight", "reflect.bias", "pos", "emb.weight"}
     assert {"conv.weight", "norm.bias", "twice.weight", "head.bias"} <= set(plan.hooked)
     assert not supports(model, params)
-    groups = [["conv.weight", "pos", "twice.weight"], [n for n in params if n not in ("conv.weight", "pos", "twice.weight")]]
+    first = ["conv.weight", "pos", "twice.weight"]                 # hooked and fallback parameters together
+    groups = [first, [n for n in params if n not in first]]
     for clip_groups in (None, groups):
         clip = 0.5 * typical_clip(model, params, batch_loss, batch)
         ref = clipped_grad_sum(one, params, batch, clip, 5, clip_groups=clip_groups)
-        with pytest.warns(GhostClippingNotice, match="4 trainable parameter"):
+        with pytest.warns(GhostClippingNotice) as notices:
             got = ghost_clipped_grad_sum(model, params, batch_loss, batch, clip, 2, clip_groups=clip_groups)
         assert_same(got, ref)
+        text = " ".join(str(w.message) for w in notices)
+        assert "4 trainable parameter(s)" in text and "layer bypassed" in text
 
 
 def test_a_layer_called_on_rows_that_are_not_examples_falls_back():
@@ -240,7 +249,7 @@ def test_a_layer_called_on_rows_that_are_not_examples_falls_back():
         return batch_loss(p, x[None])[0]
     x = torch.randn(4, 6)
     ref = clipped_grad_sum(one, params, (x,), 0.3, 4)
-    with pytest.warns(GhostClippingNotice, match="not a multiple"):
+    with pytest.warns(GhostClippingNotice, match="layer proj .*not a multiple"):
         got = ghost_clipped_grad_sum(model, params, batch_loss, (x,), 0.3, 4)
     assert_same(got, ref)
 

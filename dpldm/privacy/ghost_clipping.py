@@ -208,16 +208,20 @@ def ghost_clipped_grad_sum(module: nn.Module, params: Mapping[str, Tensor], loss
         hooked_leaves = {k: v.detach().requires_grad_(reweight and k not in plan.fallback) for k, v in leaves.items()}
         anchor = torch.zeros((), device=device, requires_grad=True)
         state["active"] = True
-        with _tapped(plan.sites, b, anchor, state):
+        with _tapped(plan.sites, b, anchor, state), torch.enable_grad():
             losses = loss_fn(hooked_leaves, *chunk)
         if losses.shape != (b,):
             raise DpldmError(f"ghost clipping: loss_fn must return one loss per example, shape ({b},); "
                              f"got {tuple(losses.shape)}")
         valid = [s for s in plan.sites if s.valid and s.inputs]
-        fb_names = list(plan.fallback) + [nm for s in plan.sites if not s.valid for nm in s.roles.values()]
-        if not all(s.valid for s in plan.sites):
-            warnings.warn("ghost clipping: a layer was called with rows that are not a multiple of the "
-                          "examples; its parameters use the torch.func path", GhostClippingNotice, stacklevel=2)
+        # a layer never called (its weight may be used some other way) or called on rows that are not
+        # the examples' rows: exact torch.func gradients for its parameters
+        odd = [s for s in plan.sites if not (s.valid and s.inputs)]
+        fb_names = list(plan.fallback) + [nm for s in odd for nm in s.roles.values()]
+        if odd:
+            warnings.warn(f"ghost clipping: layer {odd[0].name} ({len(odd)} in all) was not called, or called on rows "
+                          "that are not a multiple of the examples; its parameters use the torch.func path",
+                          GhostClippingNotice, stacklevel=2)
         if valid and losses.requires_grad:
             torch.autograd.grad(losses.sum(), [anchor], retain_graph=reweight, allow_unused=True)
         sq = torch.zeros(n_groups, b, dtype=torch.float32, device=device)
@@ -256,9 +260,10 @@ def ghost_clipped_grad_sum(module: nn.Module, params: Mapping[str, Tensor], loss
         for s in plan.sites:
             s.reset()
         lv = losses.detach().to(torch.float64)
-        loss_sum += torch.where(good & torch.isfinite(lv), lv, torch.zeros((), dtype=torch.float64, device=device)).sum()
+        zero64 = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum += torch.where(good & torch.isfinite(lv), lv, zero64).sum()
         norms = sq.sum(0).to(torch.float64).sqrt()
-        norm_sum += torch.where(good, norms, torch.zeros((), dtype=torch.float64, device=device)).sum()
+        norm_sum += torch.where(good, norms, zero64).sum()
         clipped += (over | ~good).sum()
     stats = {"n": n, "loss_sum": float(loss_sum), "grad_norm_sum": float(norm_sum), "clipped": int(clipped)}
     return grad_sum, stats
