@@ -1,4 +1,7 @@
 """`dpldm export`: the run's trained weights land in a folder plain diffusers loads and samples from."""
+import json
+from pathlib import Path
+
 import diffusers
 import numpy as np
 import pytest
@@ -133,11 +136,83 @@ def test_export_loda_loads_with_plain_diffusers(tmp_path, base):
     run, adapted = adapted_run(tmp_path, base, "loda", "leaky_relu")
     out = export_run(run, tmp_path / "loda")
     assert (out / "unet" / "dpldm_adapter.json").is_file()
-    pipe = diffusers.DiffusionPipeline.from_pretrained(out)
+    assert json.loads((out / "model_index.json").read_text())["unet"] == ["adapted_unet",
+                                                                         "AdaptedUNet2DConditionModel"]
+    assert {"adapted_unet.py", "loda.py"} <= {p.name for p in (out / "unet").iterdir()}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     torch.testing.assert_close(unet_out(pipe.unet), unet_out(adapted), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(unet_out(P.load_pipeline(out).unet), unet_out(adapted), atol=1e-5, rtol=1e-5)
     images = pipe(["x"], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 16, 1) and np.isfinite(images).all()
+
+
+def test_shipped_unet_code_imports_no_dpldm_module():
+    """What the export ships (adapted_unet.py, loda.py) may import the standard library, torch, diffusers and
+    safetensors only, and each other relatively."""
+    import ast
+    import sys
+
+    from dpldm.models.adapted_unet import CODE_FILES
+    allowed = {"torch", "diffusers", "safetensors", "__future__"} | set(sys.stdlib_module_names)
+    for f in CODE_FILES:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split(".")[0] in allowed, f"{f.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] in allowed for a in node.names), f"{f.name}: {ast.dump(node)}"
+
+
+NO_DPLDM_CHECK = """
+import sys
+import numpy as np
+import torch
+import diffusers
+try:
+    import dpldm
+    sys.exit("dpldm is importable in this environment: " + str(dpldm.__file__))
+except ModuleNotFoundError:
+    pass
+pipe = diffusers.DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert type(pipe.unet).__name__ == "AdaptedUNet2DConditionModel", type(pipe.unet)
+g = torch.Generator().manual_seed(3)
+x, enc = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g)
+with torch.no_grad():
+    np.save(sys.argv[2], pipe.unet(x, torch.tensor([10, 500]), enc).sample.numpy())
+images = pipe(["x"], num_inference_steps=2, output_type="np").images
+assert images.shape == (1, 16, 16, 1) and np.isfinite(images).all()
+assert not any(m == "dpldm" or m.startswith("dpldm.") for m in sys.modules), "dpldm was imported"
+"""
+
+
+def test_exported_loda_pipeline_loads_and_samples_without_dpldm(tmp_path, base):
+    """Issue 14 §6: `dpldm export` output loads and samples with diffusers alone. The check runs in a fresh
+    virtual environment made with `python -m venv` from the base interpreter, whose site-packages holds one
+    .pth line naming this venv's site-packages directory: torch, diffusers, transformers are importable from
+    there, but a plain path line in a .pth does not run the .pth files inside that directory, so dpldm's editable
+    install hook (__editable__.dpldm-*.pth) never runs and `import dpldm` fails (the script checks that). It runs
+    with -I (no PYTHONPATH, no user site, no current directory on sys.path) from a directory outside the repo."""
+    import site
+    import subprocess
+    import sys
+    import venv
+
+    run, adapted = adapted_run(tmp_path, base, "loda", "leaky_relu")
+    out = export_run(run, tmp_path / "loda")
+    env_dir = tmp_path / "nodpldm"
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    target = subprocess.run([str(py), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in site.getsitepackages() if (Path(p) / "diffusers").is_dir()]
+    assert ours, "no site-packages with diffusers"
+    (Path(target) / "deps.pth").write_text(ours[0] + "\n")
+    result = subprocess.run([str(py), "-I", "-c", NO_DPLDM_CHECK, str(out), str(tmp_path / "out.npy")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+                                 "HF_MODULES_CACHE": str(tmp_path / "hf_modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), unet_out(adapted),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_export_attention_adapter_folder(tmp_path, base):
@@ -152,8 +227,6 @@ def test_export_attention_adapter_folder(tmp_path, base):
 def test_class_names_derived_from_private_labels_are_left_out_and_said_so(tmp_path, base, capsys):
     """Issue 11 §9: a classes.json written from the private labels alone ("0".."K-1") is not exported; the
     export's dpldm.json names what was omitted. Names from the config or the pipeline are public and kept."""
-    import json
-
     from dpldm.config import load_config
     from dpldm.models.export import public_classes
     unet = P.load_pipeline(base).unet

@@ -6,9 +6,9 @@
   unmerged low-rank factors are also written as `pytorch_lora_weights.safetensors` for
   `pipe.load_lora_weights` on top of the pretrained pipeline.
 - loda: W(x) + B(σ(A(x))) has no linear fold (σ is nonlinear), so unet/ holds
-  `AdaptedUNet2DConditionModel` (this module): a UNet2DConditionModel subclass whose `from_pretrained`
-  re-attaches the adapter from `unet/dpldm_adapter.json` and loads all weights. Plain
-  `diffusers.DiffusionPipeline.from_pretrained(DIR)` loads it whenever dpldm is importable.
+  `AdaptedUNet2DConditionModel` (dpldm/models/adapted_unet.py) together with its code (adapted_unet.py,
+  loda.py): plain `diffusers.DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` loads it
+  without dpldm installed.
 See docs/models.md.
 
 Class names: an export is a release, so it carries only class names that are public — those named in the
@@ -23,39 +23,18 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401  (diffusers' pipeline loader
-# resolves ["dpldm.models.export", "AdaptedUNet2DConditionModel"] by finding ModelMixin in this module)
 from safetensors.torch import load_file, save_file
 
-from dpldm.config import AdapterConfig, load_config
+from dpldm.config import load_config
 from dpldm.errors import DpldmError
+from dpldm.log import log
+from dpldm.models.adapted_unet import AdaptedUNet2DConditionModel
+from dpldm.models.adapters import adapter_config_of, load_adapter, merge_adapter
+from dpldm.models.loda import AdaptedLayer
+from dpldm.models.lora import DIFFUSERS_LORA_FILE as LORA_FILE
+from dpldm.models.lora import lora_state_dict_for_diffusers
 from dpldm.models.pipeline import Components, load_pipeline, save_pipeline
 from dpldm.run_dir import RunDir
-
-ADAPTER_JSON = "dpldm_adapter.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-class AdaptedUNet2DConditionModel(UNet2DConditionModel):
-    """A U-Net carrying dpldm adapter modules that cannot be merged (LoDA); saved and loaded whole."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
-        from dpldm.models.adapters import attach_adapter
-        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
-        unet.__class__ = cls
-        adapter = AdapterConfig(**json.loads((folder / ADAPTER_JSON).read_text()))
-        attach_adapter(unet, adapter)
-        unet._dpldm_adapter = dataclasses.asdict(adapter)
-        unet.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")), strict=True)
-        if kwargs.get("torch_dtype") is not None:
-            unet.to(kwargs["torch_dtype"])
-        return unet.eval().requires_grad_(False)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        (Path(save_directory) / ADAPTER_JSON).write_text(json.dumps(self._dpldm_adapter, indent=2))
 
 
 def load_plain_weights(unet: torch.nn.Module, adapter_dir: Path) -> int:
@@ -81,7 +60,6 @@ def load_plain_weights(unet: torch.nn.Module, adapter_dir: Path) -> int:
 
 def _lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The unmerged LoRA factors in the diffusers/peft key layout (`unet.<module>.lora_A.weight`)."""
-    from dpldm.models.lora import lora_state_dict_for_diffusers
     return {k: v.detach().cpu().contiguous() for k, v in lora_state_dict_for_diffusers(unet).items()}
 
 
@@ -119,8 +97,6 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     if not (adapter_dir / "adapter_config.json").is_file() and kind in ("full", "attention"):
         load_plain_weights(comps.unet, adapter_dir)      # bare U-Net tensors
     else:
-        from dpldm.models.adapters import adapter_config_of, load_adapter, merge_adapter
-        from dpldm.models.loda import AdaptedLayer
         load_adapter(comps.unet, adapter_dir)           # attaches the adapter its config names
         layers = [m for m in comps.unet.modules() if isinstance(m, AdaptedLayer)]
         if all(m.mergeable for m in layers):
@@ -130,7 +106,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
         else:
             adapter = dataclasses.asdict(adapter_config_of(comps.unet))
             comps.unet.__class__ = AdaptedUNet2DConditionModel
-            comps.unet._dpldm_adapter = adapter
+            comps.unet.dpldm_adapter = adapter
     comps.unet.eval().requires_grad_(False)
     comps.meta = {**comps.meta, "source": f"dpldm export {run_dir} (adapter {kind}, base {cfg.model.pretrained})"}
     comps.meta.update(public_classes(run_dir, cfg, comps.meta))
@@ -143,8 +119,10 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
 
 def main(args) -> int:
     out = export_run(args.run, args.out)
-    print(f"dpldm export: wrote {out} (load with diffusers.DiffusionPipeline.from_pretrained)")
+    custom = (out / "unet" / "adapted_unet.py").is_file()
+    log(f"dpldm export: wrote {out} (load with diffusers.DiffusionPipeline.from_pretrained"
+        + (", trust_remote_code=True: unet/ ships the adapted U-Net's code)" if custom else ")"))
     meta = json.loads((out / "dpldm.json").read_text())
     for what in meta.get("omitted", []):
-        print(f"dpldm export: omitted {what}")
+        log(f"dpldm export: omitted {what}")
     return 0

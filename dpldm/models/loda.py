@@ -14,13 +14,15 @@ case σ = identity with `lora_A` / `lora_B` names, which is also diffusers' LoRA
 
 Forward passes use no in-place ops and no data-dependent control flow, so they run under
 torch.func.functional_call + vmap(grad) for per-example gradients.
+
+This module imports torch only (no dpldm module): `dpldm export` ships it beside adapted_unet.py inside
+an exported LoDA pipeline so plain diffusers loads it (docs/adapters.md). Its errors are ValueErrors for
+misuse; user-facing checks (DpldmError) happen in adapters.py before these classes are reached.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from dpldm.errors import DpldmError
 
 NONLINEARITIES = {
     "leaky_relu": lambda: nn.LeakyReLU(0.1),   # the DP-LoDA paper's choice
@@ -34,7 +36,7 @@ NONLINEARITIES = {
 
 def make_nonlinearity(name: str) -> nn.Module:
     if name not in NONLINEARITIES:
-        raise DpldmError(f"adapter.nonlinearity must be one of {', '.join(NONLINEARITIES)}; got {name!r}")
+        raise ValueError(f"adapter.nonlinearity must be one of {', '.join(NONLINEARITIES)}; got {name!r}")
     return NONLINEARITIES[name]()
 
 
@@ -71,7 +73,7 @@ class AdaptedLayer:
     def delta_weight(self) -> torch.Tensor:
         """scale · B∘A as a tensor shaped like W (exact because B is 1×1 and σ is identity)."""
         if not self.mergeable:
-            raise DpldmError(f"a LoDA adapter with nonlinearity '{self.nonlinearity}' is not linear and "
+            raise ValueError(f"a LoDA adapter with nonlinearity '{self.nonlinearity}' is not linear and "
                              "cannot be merged into the base weight")
         a, b = self.adapter_a.weight, self.adapter_b.weight
         if a.dim() == 2:                                   # linear: (out, r) @ (r, in)
@@ -155,4 +157,4 @@ def wrap_loda(base: nn.Module, rank: int, nonlinearity: str, scale: float) -> Ad
         return LoDAConv2d.from_base(base, rank, nonlinearity, scale)
     if isinstance(base, nn.Linear):
         return LoDALinear.from_base(base, rank, nonlinearity, scale)
-    raise DpldmError(f"LoDA adapts nn.Conv2d and nn.Linear layers only; got {type(base).__name__}")
+    raise ValueError(f"LoDA adapts nn.Conv2d and nn.Linear layers only; got {type(base).__name__}")

@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, VQModel
+import transformers
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel, VQModel
+from transformers import AutoTokenizer
 
 from dpldm.errors import DpldmError
+from dpldm.models.adapted_unet import AdaptedUNet2DConditionModel, component_entry
+from dpldm.models.text_encoders import check_tokenizer, load_text_encoder
 
 META_FILE = "dpldm.json"
 PARTS = ("vae", "unet", "text_encoder", "tokenizer")
@@ -92,7 +96,6 @@ def make_meta(model_cfg, source: str) -> dict:
 def build_components(model_cfg, vae=None, text=None, source: str = "built") -> Components:
     """A fresh pipeline from the config: `vae` (default: a new one) and `text` = (tokenizer, encoder)
     (default: model.text_encoder) are used as given; the U-Net is new."""
-    from dpldm.models.text_encoders import load_text_encoder
     vae = vae if vae is not None else build_vae(model_cfg)
     tokenizer, encoder = text if text is not None else load_text_encoder(model_cfg.text_encoder,
                                                                           model_cfg.max_text_length)
@@ -134,7 +137,6 @@ def _freeze(module, device: str):
 
 def _text_encoder_class(folder: Path):
     """The transformers class named in model_index.json (AutoModel when absent)."""
-    import transformers
     index = folder / "model_index.json"
     if index.is_file():
         entry = json.loads(index.read_text()).get("text_encoder")
@@ -147,8 +149,7 @@ def _unet_class(unet_dir: Path):
     """UNet2DConditionModel, or dpldm's AdaptedUNet2DConditionModel for exported LoDA U-Nets."""
     cfg_file = unet_dir / "config.json"
     name = json.loads(cfg_file.read_text()).get("_class_name") if cfg_file.is_file() else None
-    if name == "AdaptedUNet2DConditionModel":
-        from dpldm.models.export import AdaptedUNet2DConditionModel
+    if name == AdaptedUNet2DConditionModel.__name__:
         return AdaptedUNet2DConditionModel
     return UNet2DConditionModel
 
@@ -156,9 +157,6 @@ def _unet_class(unet_dir: Path):
 def load_pipeline(folder: str | Path, device: str = "cpu") -> Components:
     """Load an SD-layout pipeline folder: VAE and text encoder frozen (bf16 on CUDA), U-Net fp32 frozen
     (adapters make their own parameters trainable), scheduler as a DDPMScheduler for training."""
-    from transformers import AutoTokenizer
-
-    from dpldm.models.text_encoders import check_tokenizer
     folder = Path(folder)
     if not folder.is_dir():
         raise DpldmError(f"{folder}: pipeline folder does not exist")
@@ -194,7 +192,6 @@ def load_pipeline(folder: str | Path, device: str = "cpu") -> Components:
 
 def to_diffusers(components: Components):
     """A StableDiffusionPipeline over the same module objects (no copies)."""
-    from diffusers import StableDiffusionPipeline
     return StableDiffusionPipeline(
         vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
         unet=components.unet, scheduler=components.scheduler, safety_checker=None,
@@ -202,7 +199,9 @@ def to_diffusers(components: Components):
 
 
 def save_pipeline(components: Components, folder: str | Path) -> Path:
-    """Write a plain-diffusers StableDiffusionPipeline folder (safetensors) + dpldm.json."""
+    """Write a plain-diffusers StableDiffusionPipeline folder (safetensors) + dpldm.json. An adapted (LoDA)
+    U-Net writes its code into unet/ and model_index.json names it there, so diffusers loads the folder
+    with trust_remote_code=True and without dpldm."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     halves = [(m, m.dtype) for m in (components.vae, components.text_encoder) if m.dtype != torch.float32]
@@ -213,6 +212,10 @@ def save_pipeline(components: Components, folder: str | Path) -> Path:
     finally:
         for m, dtype in halves:
             m.to(dtype)
+    if isinstance(components.unet, AdaptedUNet2DConditionModel):
+        index = json.loads((folder / "model_index.json").read_text())
+        index["unet"] = component_entry()
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / META_FILE).write_text(json.dumps(components.meta, indent=2) + "\n")
     return folder
 
