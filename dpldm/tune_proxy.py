@@ -55,22 +55,22 @@ FAST_CANDIDATES = ("quickstart.yaml", "guidance 2", "C = 0.1")
 EVAL_ONLY = {"clf_epochs", "synthetic_n", "sample_steps"}
 
 
-def proxy_sigma(plan: Plan, eps: float, delta: float, accountant: str) -> float:
-    """σ of the private run this proxy stands in for (its N, expected batch and steps)."""
+def proxy_sigma(plan: Plan, eps: float, delta: float, accountant: str, relation: str = "add_remove") -> float:
+    """σ of the private run this proxy stands in for (its N, expected batch, steps, accountant and relation)."""
     from dpldm.privacy.accountant import noise_multiplier_for
     n = plan.private_n or MNIST_TRAIN_N
-    return noise_multiplier_for(eps, plan.expected_batch / n, plan.ft_steps, delta, accountant)
+    return noise_multiplier_for(eps, plan.expected_batch / n, plan.ft_steps, delta, accountant, relation)
 
 
 def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, name: str, overrides: dict):
     from dpldm.config import apply_mapping
     cfg = finetune_cfg(out, pipeline, {"private": data["digits"], "test": data["digits-test"]}, plan, eps)
-    sigma = proxy_sigma(plan, eps, cfg.privacy.delta, cfg.privacy.accountant)
+    sigma = proxy_sigma(plan, eps, cfg.privacy.delta, cfg.privacy.accountant, cfg.privacy.relation)
     slug = name.replace(" ", "").replace("=", "").replace(".yaml", "")
     return apply_mapping(cfg, {
         **overrides, "privacy.noise_multiplier": sigma,
         # public data: the proxy's own (large) ε guarantees nothing; RDP accounts it without failing
-        "privacy.accountant": "rdp", "privacy.target_epsilon": 1e6,
+        "privacy.accountant": "rdp", "privacy.relation": "add_remove", "privacy.target_epsilon": 1e6,
         "data.cache_dir": str(out / "proxy" / f"latent_cache-{plan.public}"),   # one per autoencoder
         "output.dir": str(out / "proxy" / f"{slug}-eps{eps:g}")}), sigma
 

@@ -28,7 +28,7 @@ def test_tune_proxy_fast_uses_public_data_and_the_private_runs_noise(tmp_path):
 
     private = load_config(CONFIGS / "quickstart.yaml")
     sigma = noise_multiplier_for(10.0, FAST.expected_batch / FAST.private_n, FAST.ft_steps, private.privacy.delta,
-                                 private.privacy.accountant)
+                                 private.privacy.accountant, private.privacy.relation)
     runs = sorted(p.parent for p in (out / "proxy").glob("*/privacy.json"))
     assert [r.name for r in runs] == ["C0.1-eps10", "quickstart-eps10"]   # the guidance variant reused its run
     for run in runs:
