@@ -13,14 +13,23 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from dpldm.config import Config, load_config
+from dpldm.data.shards import ShardWriter
+from dpldm.distributed.env import barrier, init_distributed
 from dpldm.errors import DpldmError
+from dpldm.log import log
+from dpldm.models.adapters import load_adapter
+from dpldm.models.pipeline import class_prompts, encode_prompts, load_pipeline
 from dpldm.rng import RunRandomness
-from dpldm.run_dir import RunDir, SAMPLES_META
+from dpldm.run_dir import SAMPLES_META, RunDir
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
 
@@ -34,7 +43,6 @@ class Loaded:
 
 def load_run(path: str | Path, device: str = "cpu") -> Loaded:
     """A fine-tune run dir (config.yaml + adapter/), a pretrain run dir (pipeline/), or a pipeline folder."""
-    from dpldm.models.pipeline import load_pipeline
     path = Path(path)
     run = RunDir(path)
     if (path / "model_index.json").exists():
@@ -49,7 +57,6 @@ def load_run(path: str | Path, device: str = "cpu") -> Loaded:
     cfg = load_config(run.config)
     comps = load_pipeline(cfg.model.pretrained, device=device)
     if run.adapter.exists():
-        from dpldm.models.adapters import load_adapter
         load_adapter(comps.unet, run.adapter)
         comps.unet.to(device)
     comps.unet.eval()
@@ -60,8 +67,6 @@ def load_run(path: str | Path, device: str = "cpu") -> Loaded:
 
 
 def make_pipeline(comps, scheduler: str):
-    import diffusers
-    from diffusers import StableDiffusionPipeline
     sched = getattr(diffusers, SCHEDULERS[scheduler]).from_config(comps.scheduler.config)
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                                    unet=comps.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
@@ -73,7 +78,6 @@ def make_pipeline(comps, scheduler: str):
 def plan_prompts(meta: dict, cfg: Config | None, n: int, class_id: int | None, prompt: str | None,
                  prompts_file: str | None) -> tuple[list[str], list[int]]:
     """Prompts and labels (-1 for free text) of the n images: balanced over classes by default."""
-    from dpldm.models.pipeline import class_prompts
     if prompt is not None:
         return [prompt] * n, [-1] * n
     if prompts_file:
@@ -98,7 +102,6 @@ def plan_prompts(meta: dict, cfg: Config | None, n: int, class_id: int | None, p
 def generate(comps, prompts: list[str], indices: list[int], *, guidance: float, steps: int, scheduler: str,
              seed: int, batch_size: int, resolution: int) -> torch.Tensor:
     """Images [len(indices), C, H, W] in [0, 1]; image i uses the generator seeded with (seed, i)."""
-    from dpldm.models.pipeline import encode_prompts
     if comps.vae.dtype != comps.unet.dtype:  # frozen parts are bf16 on CUDA; the pipeline decodes U-Net-dtype latents
         comps.vae.to(comps.unet.dtype)
     pipe = make_pipeline(comps, scheduler)
@@ -125,8 +128,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None:
-    from PIL import Image
-    from torchvision.utils import make_grid
     if len(images) == 0:
         return
     nrow = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
@@ -136,33 +137,22 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> None
 
 def write_outputs(images: torch.Tensor, indices: list[int], prompts: list[str], labels: list[int], out: Path,
                   rank: int = 0) -> None:
-    import io
-
-    import webdataset as wds
-    from PIL import Image
+    """PNGs in out/images and webdataset shards in out/shards (`.png` + `.cls` or `.txt` + `.json`)."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
     arrays = to_uint8(images)
-    with wds.ShardWriter(str(out / "shards" / f"shard-r{rank:03d}-%06d.tar"), maxcount=10000, verbose=0) as sink:
+    with ShardWriter(out / "shards", f"shard-r{rank:03d}-%06d.tar", maxcount=10000) as sink:
         for arr, i in zip(arrays, indices):
-            img = Image.fromarray(arr)
-            img.save(out / "images" / f"{i:06d}.png")
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            sample = {"__key__": f"{i:08d}", "png": buf.getvalue(),
-                      "json": json.dumps({"prompt": prompts[i], "label": labels[i], "index": i}).encode()}
-            if labels[i] >= 0:
-                sample["cls"] = str(labels[i]).encode()
-            else:
-                sample["txt"] = prompts[i].encode()
-            sink.write(sample)
+            Image.fromarray(arr).save(out / "images" / f"{i:06d}.png")
+            labelled = labels[i] >= 0
+            sink.write(f"{i:08d}", arr, label=labels[i] if labelled else None,
+                       text=None if labelled else prompts[i],
+                       meta={"prompt": prompts[i], "label": labels[i], "index": i})
 
 
 def sample_run(run: str | Path, out: str | Path | None = None, *, n: int | None = None, class_id: int | None = None,
                prompt: str | None = None, prompts_file: str | None = None, guidance: float | None = None,
                steps: int | None = None, scheduler: str | None = None, seed: int | None = None,
                batch_size: int | None = None, resolution: int | None = None) -> Path:
-    from dpldm.distributed.env import barrier, init_distributed
     env = init_distributed()
     device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
     loaded = load_run(run, device)
@@ -182,7 +172,7 @@ def sample_run(run: str | Path, out: str | Path | None = None, *, n: int | None 
         save_grid(images[:100], out / "grid.png", nrow=10 if labels[0] >= 0 else None)
         (out / SAMPLES_META).write_text(json.dumps({"n": n, "resolution": int(res), **settings,
                                                       "labels": labels[:n], "run": str(run)}, indent=2))
-        print(f"sample: wrote {n} images to {out} (grid {out / 'grid.png'})")
+        log(f"sample: wrote {n} images to {out} (grid {out / 'grid.png'})")
     barrier()
     return out
 

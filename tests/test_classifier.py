@@ -6,7 +6,8 @@ import torch
 from dpldm.errors import DpldmError
 from dpldm.eval.classifier import ResNet9, SmallCNN, accuracy, evaluate_synthetic, train_classifier
 from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
-from dpldm.eval.shards import load_mnist_pickle, load_shards, write_shards
+from dpldm.eval.shards import load_shards, write_shards
+from tiny import load_mnist_pickle
 
 
 @pytest.fixture(scope="module")

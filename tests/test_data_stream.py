@@ -13,8 +13,8 @@ import webdataset as wds
 from PIL import Image
 
 from dpldm.config import DataConfig
-from dpldm.data.stream import (BadSampleWarning, count_samples, expand_shards, iterate_samples,
-                               reader_records, stream_loader)
+from dpldm.data.shards import BadSampleWarning, count_samples, expand_shards, reader_records
+from dpldm.data.stream import iterate_samples, stream_loader
 from dpldm.errors import DpldmError
 
 SHARD_SIZES = [7, 3, 5, 4, 6]  # 25 samples, uneven shards: 5 shards never divide evenly by 2×2 or 3×2

@@ -7,7 +7,8 @@ import torch
 from dpldm.errors import DpldmError
 from dpldm.eval.fid import (default_inception_path, fid_against_reference, frechet_distance,
                             inception_features, load_inception, reference_features)
-from dpldm.eval.shards import load_mnist_pickle, write_shards
+from dpldm.eval.shards import write_shards
+from tiny import load_mnist_pickle
 
 
 @pytest.fixture(scope="module")

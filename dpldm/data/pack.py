@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
-from dpldm.data.images import encode_image
+from dpldm.data.shards import ShardWriter
 from dpldm.data.sources import open_source
 from dpldm.errors import DpldmError
+from dpldm.log import log
 
 SHARD_PATTERN = "shard-%06d.tar"
 
@@ -53,7 +52,7 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
         done = _finished(meta_path, request)
         if done is not None and not overwrite:
             if verbose:
-                print(f"{out}: already packed ({done['count']} samples); nothing to do")
+                log(f"{out}: already packed ({done['count']} samples); nothing to do")
             if private and not done.get("private"):
                 done["private"] = True
                 meta_path.write_text(json.dumps(done, indent=1))
@@ -109,7 +108,7 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
     tmp.replace(meta_path)
     if verbose:
         dt = time.time() - t0
-        print(f"{out}: {total} samples in {len(shards)} shards ({dt:.1f} s, {total / max(dt, 1e-9):.0f} img/s, "
+        log(f"{out}: {total} samples in {len(shards)} shards ({dt:.1f} s, {total / max(dt, 1e-9):.0f} img/s, "
               f"{workers} process{'es' if workers > 1 else ''})")
     return meta
 
@@ -129,23 +128,18 @@ def _write_shard(task) -> tuple[Counter, Counter, Counter]:
     hist: Counter = Counter()
     sizes: Counter = Counter()
     captions: Counter = Counter()
-    with wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=stop - start, start_shard=shard, verbose=0,
-                         mtime=mtime) as sink:
+    with ShardWriter(out, SHARD_PATTERN, maxcount=stop - start, start_shard=shard, mtime=mtime) as sink:
         for n in range(start, stop):
             rec = src.record(n)
             w, h = _record_size(rec.image)
-            sample = {"__key__": f"{n:09d}", fmt: encode_image(rec.image, fmt)}
             if rec.label is not None:
-                sample["cls"] = str(int(rec.label))
                 hist[int(rec.label)] += 1
             if rec.caption is not None:
-                sample["txt"] = rec.caption
                 captions["txt"] += 1
-            sample["json"] = json.dumps({"source": src.name, "split": split, "index": rec.index,
-                                         "origin": rec.origin, "width": w, "height": h,
-                                         "label": rec.label, "caption": rec.caption}).encode()
+            sink.write(f"{n:09d}", rec.image, fmt=fmt, label=rec.label, text=rec.caption,
+                       meta={"source": src.name, "split": split, "index": rec.index, "origin": rec.origin,
+                             "width": w, "height": h, "label": rec.label, "caption": rec.caption})
             sizes[f"{w}x{h}"] += 1
-            sink.write(sample)
     return hist, sizes, captions
 
 
@@ -155,7 +149,7 @@ def _merge(stats, into, done: int, total: int, t0: float, verbose: bool) -> int:
         acc.update(part)
     done += sum(stats[1].values())
     if verbose:
-        print(f"  packed {done}/{total} ({done / max(time.time() - t0, 1e-9):.0f} img/s)", file=sys.stderr)
+        log(f"  packed {done}/{total} ({done / max(time.time() - t0, 1e-9):.0f} img/s)", err=True)
     return done
 
 

