@@ -105,7 +105,8 @@ def test_matches_torch_func_for_every_adapter_kind(model, kind):
     assert 0 < ref[1]["clipped"] < 5                        # both branches of the clip factor are used
     with warnings.catch_warnings():
         warnings.simplefilter("error", GhostClippingNotice)                  # no torch.func fallback at all
-        got = ghost_clipped_grad_sum(unet, params, batch_loss, batch, clip, 3)     # micro-batches 3 + 2
+        got = ghost_clipped_grad_sum(unet, params, batch_loss, batch, clip, 3,     # micro-batches 3 + 2
+                                     rows_per_example=2)
     assert_same(got, ref)
     assert not plan_sites(unet, params).fallback and supports(unet, params)
 
@@ -232,11 +233,11 @@ def test_fallback_parameters_join_the_same_norms():
         assert "4 trainable parameter(s)" in text and "layer bypassed" in text
 
 
-def test_a_layer_called_on_rows_that_are_not_examples_falls_back():
-    """A Linear applied to a [3, d] table (rows unrelated to examples) is handled by torch.func."""
+def table_problem(rows: int):
+    """A Linear applied to a fixed [rows, d] table (rows unrelated to the examples), then per example."""
     torch.manual_seed(0)
-    table, proj, head = torch.randn(3, 6), nn.Linear(6, 6), nn.Linear(6, 1)
-    model = nn.ModuleDict({"proj": proj, "head": head})
+    table = torch.randn(rows, 6)
+    model = nn.ModuleDict({"proj": nn.Linear(6, 6), "head": nn.Linear(6, 1)})
     params = dict(model.named_parameters())
 
     def batch_loss(p, x):
@@ -247,10 +248,28 @@ def test_a_layer_called_on_rows_that_are_not_examples_falls_back():
 
     def one(p, x):
         return batch_loss(p, x[None])[0]
-    x = torch.randn(4, 6)
+    return model, params, batch_loss, one
+
+
+def test_a_layer_called_on_rows_that_are_not_examples_falls_back():
+    model, params, batch_loss, one = table_problem(3)
+    x = torch.randn(4, 6)                     # 3 table rows, 4 examples: not a multiple, torch.func
     ref = clipped_grad_sum(one, params, (x,), 0.3, 4)
     with pytest.warns(GhostClippingNotice, match="layer proj .*not a multiple"):
         got = ghost_clipped_grad_sum(model, params, batch_loss, (x,), 0.3, 4)
+    assert_same(got, ref)
+
+
+def test_rows_per_example_tells_a_table_from_the_examples_rows():
+    """The contract: a hooked layer's rows are the examples' rows. 6 table rows for 3 examples look like
+    K = 2 and are misattributed; rows_per_example=1 (the trainer passes K) sends the layer to torch.func."""
+    model, params, batch_loss, one = table_problem(6)
+    x = torch.randn(3, 6)
+    ref = clipped_grad_sum(one, params, (x,), 0.3, 3)
+    wrong, _ = ghost_clipped_grad_sum(model, params, batch_loss, (x,), 0.3, 3)
+    assert rel_err(wrong, ref[0]) > 1e-3
+    with pytest.warns(GhostClippingNotice, match="layer proj "):
+        got = ghost_clipped_grad_sum(model, params, batch_loss, (x,), 0.3, 3, rows_per_example=1)
     assert_same(got, ref)
 
 

@@ -142,8 +142,9 @@ def _tapped(sites: list[Site], b: int, anchor: Tensor, state: dict):
     def make(site: Site):
         def hook(mod, args, out):
             a = args[0] if args else None
+            rows = state["rows"]
             if not isinstance(a, Tensor) or not isinstance(out, Tensor) or a.dim() < 2 or a.shape[0] % b \
-                    or out.shape[0] != a.shape[0]:
+                    or out.shape[0] != a.shape[0] or (rows is not None and a.shape[0] != rows * b):
                 site.valid = False
                 return None
             call = len(site.inputs)
@@ -176,11 +177,16 @@ def _fallback_grads(loss_fn, leaves: dict[str, Tensor], names: list[str], chunk)
 def ghost_clipped_grad_sum(module: nn.Module, params: Mapping[str, Tensor], loss_fn: Callable[..., Tensor],
                            batch: tuple[Tensor, ...], max_grad_norm: float | None, microbatch_size: int,
                            clip_groups: Sequence[Sequence[str]] | None = None, *, sum_mode: str = "bookkeeping",
-                           norm_form: str = "auto") -> tuple[dict[str, Tensor], dict]:
+                           norm_form: str = "auto", rows_per_example: int | None = None
+                           ) -> tuple[dict[str, Tensor], dict]:
     """Σ over the batch of per-example gradients, each (or each clip group) clipped; see the module doc.
 
     sum_mode: 'bookkeeping' or 'reweight' (a second backward; flat clipping only, else bookkeeping).
     norm_form: 'auto' (per layer, the smaller of ghost and materialised) or force one (tests).
+    rows_per_example: K when known (privacy.noise_multiplicity): a layer is hooked only when it sees
+    exactly b·K rows; without it, any multiple of b. The contract either way: a hooked layer's dim 0
+    holds the examples' rows, example-major, as in diffusion_loss (a layer applied to something else,
+    e.g. a fixed table of b·K rows, would be misattributed; the U-Nets here are tested).
     """
     n = _check_args(max_grad_norm, microbatch_size, batch, sum_mode, norm_form)
     plan = plan_sites(module, params)
@@ -198,7 +204,7 @@ def ghost_clipped_grad_sum(module: nn.Module, params: Mapping[str, Tensor], loss
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     norm_sum = torch.zeros((), dtype=torch.float64, device=device)
     clipped = torch.zeros((), dtype=torch.int64, device=device)
-    state = {"active": True, "keep": not reweight, "form": norm_form}
+    state = {"active": True, "keep": not reweight, "form": norm_form, "rows": rows_per_example}
     mb = int(microbatch_size)
     for start in range(0, n, mb):
         chunk = tuple(t[start:start + mb] for t in batch)

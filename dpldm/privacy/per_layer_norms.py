@@ -9,10 +9,10 @@ input tokens (a conv's input unfolded to its receptive fields) and G_i [K·T, d_
 the summed loss with respect to the layer's output tokens, example i's weight gradient is
 G_iᵀ A_i (the K draws summed, as one per-example gradient), and
 
-    ghost form:        ‖G_iᵀ A_i‖²_F = Σ_{t,s} (A_i A_iᵀ)_{ts} (G_i G_iᵀ)_{ts}     memory ∝ (K·T)²
-    materialised form: P_i = G_iᵀ A_i, ‖P_i‖² directly                              memory ∝ d_in·d_out
+    ghost form:        ‖G_iᵀ A_i‖²_F = Σ_{t,s} (A_i A_iᵀ)_{ts} (G_i G_iᵀ)_{ts}   cost ∝ (K·T)²·(d_in+d_out)
+    materialised form: P_i = G_iᵀ A_i, ‖P_i‖² directly                            cost ∝ K·T·d_in·d_out
 
-`Site.choose_form` takes the smaller of the two (or a forced one). Biases and norm-layer affine
+`Site.choose_form` takes the cheaper of the two (or a forced one). Biases and norm-layer affine
 parameters (per-example gradient Σ_t G_i, or Σ_t G_i ⊙ x̂_i) are always materialised: they are small.
 The clipped sum Σ_i f_i·grad_i is then formed with the factors f (see ghost_clipping.py) either from
 P (materialised) or from the stored raw input/output gradient with each example's rows scaled by f_i
@@ -109,9 +109,9 @@ class Site:
         padded input per kernel offset (no im2col, which is slow on CPU)."""
         n, c = a.shape[0], a.shape[1]
         gf = g.reshape(n, g.shape[1], -1).float()                          # [N, out, L]
-        out = torch.empty(n, g.shape[1], c, *self.module.kernel_size, dtype=torch.float32, device=a.device)
-        for i, j, x in self._offsets(a, g.shape[2], g.shape[3]):
-            out[:, :, :, i, j] = torch.bmm(gf, x.reshape(n, c, -1).transpose(1, 2))
+        out = torch.stack([torch.bmm(gf, x.reshape(n, c, -1).transpose(1, 2))
+                           for _, _, x in self._offsets(a, g.shape[2], g.shape[3])], -1)
+        out = out.reshape(n, g.shape[1], c, *self.module.kernel_size)
         return out.reshape(b, n // b, *out.shape[1:]).sum(1)
 
     def conv_gram(self, a: Tensor, nb: int, ho: int, wo: int) -> Tensor:
@@ -126,11 +126,14 @@ class Site:
 
     @staticmethod
     def choose_form(tokens: int, d_in: int, d_out: int, forced: str) -> str:
-        """The ghost form when its Gram matrices ((K·T)² per example) are smaller than the
-        per-example gradient (d_in·d_out), else the materialised one; or the forced form."""
+        """The cheaper form in multiply-adds per example: the Gram matrices cost (K·T)²·(d_in + d_out),
+        the materialised gradient K·T·d_in·d_out; ties go to the ghost form (its batched products ran
+        faster on CPU, and it keeps only the layer's input and output gradient, not b·d_in·d_out).
+        Where the materialised form wins, its gradient (d_in·d_out) is smaller than twice the
+        example's tokens (K·T·(d_in + d_out)). `forced` ('ghost' / 'materialise') overrides."""
         if forced in ("ghost", "materialise"):
             return forced
-        return "ghost" if tokens * tokens < d_in * d_out else "materialise"
+        return "ghost" if tokens * (d_in + d_out) < 2 * d_in * d_out else "materialise"   # 2: measured, CPU
 
     # -- backward tap ---------------------------------------------------------------------------
     def on_grad(self, call: int, g: Tensor, b: int, keep: bool, forced: str) -> None:
