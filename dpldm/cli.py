@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from dpldm.errors import DpldmError
+from dpldm.log import log
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("shards", help="shard directory, brace pattern or pipe: URL")
     insp.add_argument("--grid", default="", help="grid PNG path (default DIR/inspect_grid.png)")
     insp.set_defaults(handler="dpldm.data.inspect:main")
+
+    # config -----------------------------------------------------------------------------------------
+    cfg = verbs.add_parser("config", help="show a preset fully resolved, with each field's help")
+    cfg_verbs = cfg.add_subparsers(dest="config_verb", required=True, metavar="ACTION")
+    show = cfg_verbs.add_parser("show", help="print CONFIG + overrides resolved, each field with its help")
+    _config_args(show)
+    show.set_defaults(handler="dpldm.config:show_main")
 
     # pretrain ---------------------------------------------------------------------------------
     pre = verbs.add_parser("pretrain", help="public (non-private) pretraining")
@@ -129,20 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, func_name = args.handler.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            print(f"dpldm {args.verb}: not implemented in this version", file=sys.stderr)
-            return 3
-        raise
+    # lazy on purpose: a verb imports only its own module (torch, diffusers...), so `dpldm --help` stays fast
+    module = importlib.import_module(module_name)
     try:
         return getattr(module, func_name)(args) or 0
     except DpldmError as e:
-        print(f"dpldm {args.verb}: error: {e}", file=sys.stderr)
+        log(f"dpldm {args.verb}: error: {e}", all_ranks=True, err=True)
         return 2
     except KeyboardInterrupt:
-        print(f"dpldm {args.verb}: interrupted", file=sys.stderr)
+        log(f"dpldm {args.verb}: interrupted", all_ranks=True, err=True)
         return 130
 
 
