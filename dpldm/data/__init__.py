@@ -1,0 +1,1 @@
+"""Images to training data: packing, the one shard reader/writer, streaming, latent cache, Poisson sampler."""

@@ -1,4 +1,4 @@
-"""Image helpers shared by packing, streaming and inspection: encode/decode bytes, bring an image to a
+"""Image helpers shared by the shard layer, packing and inspection: encode/decode bytes, bring an image to a
 resolution and channel count, convert to the [-1, 1] float tensors the models use, draw grids."""
 from __future__ import annotations
 
@@ -39,10 +39,6 @@ def decode_image(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
     return img
-
-
-def image_channels(img: Image.Image) -> int:
-    return len(img.getbands())
 
 
 def convert_channels(img: Image.Image, channels: int) -> Image.Image:

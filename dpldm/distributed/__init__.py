@@ -1,0 +1,1 @@
+"""Many processes: rank discovery (torchrun, SLURM), collectives, optimizer engines, rank agreement."""

@@ -1,0 +1,1 @@
+"""Measuring a run: downstream classifiers, DP-SGD baseline, FID, reports and their total privacy cost."""

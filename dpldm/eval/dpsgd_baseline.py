@@ -8,7 +8,7 @@ BatchNorm, large Poisson batches, a small clip norm, few epochs, momentum SGD wi
 rate. The defaults were tuned on PUBLIC data only (see docs/evaluation.md: MNIST train[40k:50k] for
 training, the MNIST validation split for scoring), never on the private set or the test set.
 
-Randomness (DESIGN invariant 7): by default (`seed=None`) the initialisation, the Poisson sampling and the
+Randomness (privacy invariant 7, docs/privacy.md): by default (`seed=None`) the initialisation, the Poisson sampling and the
 noise come from streams of a fresh 128-bit secret seed (`dpldm.rng.secret_seed`) that is returned nowhere.
 The Poisson draws and the noise use numpy PCG64 generators (128-bit state) derived from it — not opacus'
 own, which draw from a torch CPU generator that keeps only 32 bits of its seed (seeds s and s + 2³² give the

@@ -1,6 +1,6 @@
 """Evaluation reports: report.json + report.md with the results table, the total privacy cost of everything
-published (DESIGN invariant 10), the privacy–utility plot, sample grids labelled by class, each run's privacy
-ledger (loud NOT PRIVATE / explicit-seed marking), set sizes and stage timings as tables.
+published (privacy invariant 10, docs/privacy.md), the privacy–utility plot, sample grids labelled by class,
+each run's privacy ledger (loud NOT PRIVATE / explicit-seed marking), set sizes and stage timings as tables.
 
     rows = [row_from_ledger("DP-LDM (loda)", read_ledger(run), acc, fid), ...]
     write_report("runs/x/report", rows, runs=["runs/x"], paper_rows=[...], selection_note="...")
@@ -25,7 +25,8 @@ PRIVACY_SCOPE = ("The (ε, δ) guarantee covers the private fine-tuning data onl
                  "influence on the released model and samples is bounded. It says nothing about the public "
                  "data the autoencoder and U-Net were pretrained on, nor about the real test set used here.")
 SELECTION_DEFAULT = ("Not declared. Any checkpoint, hyper-parameter or run chosen by a metric computed on "
-                     "private data is itself a release not covered by ε (DESIGN invariant 6); state it here.")
+                     "private data is itself a release not covered by ε (privacy invariant 6, docs/privacy.md); "
+                     "state it here.")
 
 
 def read_ledger(run_dir: str | Path) -> dict:

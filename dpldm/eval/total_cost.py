@@ -1,4 +1,5 @@
-"""The total privacy cost of everything a report publishes about one private set (DESIGN invariant 10).
+"""The total privacy cost of everything a report publishes about one private set (privacy invariant 10,
+docs/privacy.md).
 
     cost = total_cost(rows, run_ledgers)      # rows as in dpldm.eval.report; run_ledgers {run path: ledger}
 

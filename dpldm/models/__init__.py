@@ -1,0 +1,1 @@
+"""Pipeline folders, text encoders, adapters (LoDA, LoRA, attention, full), diffusion loss, EMA, export."""

@@ -3,7 +3,7 @@ merged into its weights (y = W(x) + scale·B(σ(A(x))) with a nonlinear σ), sav
 
     unet/config.json                          "_class_name": "AdaptedUNet2DConditionModel"
     unet/diffusion_pytorch_model.safetensors  base weights + loda_A / loda_B weights
-    unet/dpldm_adapter.json                   the AdapterConfig fields + "layers": {module: rank, σ, scale}
+    unet/dpldm_adapter.json                   AdapterConfig fields + "layers": {module: rank, σ, scale}
     unet/adapted_unet.py, unet/loda.py        this file and loda.py (written by save_pretrained)
 
 This module and loda.py import only the standard library, torch, diffusers and safetensors (loda.py relatively,
@@ -50,15 +50,15 @@ class AdaptedUNet2DConditionModel(UNet2DConditionModel):
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         record = json.loads((folder / ADAPTER_JSON).read_text())
         if not isinstance(record.get("layers"), dict):
-            raise ValueError(f"{folder / ADAPTER_JSON}: no 'layers' record (written by an older dpldm export); "
-                             "export the run again")
+            raise ValueError(f"{folder / ADAPTER_JSON}: no 'layers' record (written by an older dpldm "
+                             "export); export the run again")
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
         unet.__class__ = cls
         for name, spec in record["layers"].items():
             parent_name, _, child = name.rpartition(".")
             parent = unet.get_submodule(parent_name) if parent_name else unet
-            setattr(parent, child, wrap_loda(getattr(parent, child), int(spec["rank"]), str(spec["nonlinearity"]),
-                                             float(spec["scale"])))
+            setattr(parent, child, wrap_loda(getattr(parent, child), int(spec["rank"]),
+                                             str(spec["nonlinearity"]), float(spec["scale"])))
         unet.dpldm_adapter = record
         unet.load_state_dict(load_file(str(folder / WEIGHTS)), strict=True)
         if kwargs.get("torch_dtype") is not None:

@@ -2,10 +2,11 @@
 
     y = W(x) + scale · B(A(x))       A: W's kernel/stride/padding → r channels, B: 1×1 → out
 
-Our own module rather than peft's (see ENVIRONMENT.md: peft + opacus can leave LoRA weights
-unmoved). The submodules are named `lora_A` / `lora_B`, so `lora_state_dict_for_diffusers`
-only prefixes `unet.` and folds `scale` into B: diffusers' `load_lora_weights` then builds the
-same peft LoRA layers (lora_alpha = r, i.e. peft scaling 1) and reproduces our outputs.
+Our own module rather than peft's: peft's LoRA layers under opacus' per-sample hooks can leave the LoRA
+weights unmoved by the optimizer step, and ours run under torch.func per-example gradients (docs/adapters.md).
+The submodules are named `lora_A` / `lora_B`, so `lora_state_dict_for_diffusers` only prefixes `unet.` and
+folds `scale` into B: diffusers' `load_lora_weights` then builds the same peft LoRA layers (lora_alpha = r,
+i.e. peft scaling 1) and reproduces our outputs.
 """
 from __future__ import annotations
 

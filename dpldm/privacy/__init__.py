@@ -1,0 +1,1 @@
+"""Differential privacy: clipped per-example gradients, noise, accountants, ledger, run seed, audit."""
