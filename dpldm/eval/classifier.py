@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpldm.errors import DpldmError
+from dpldm.log import log
 
 ARCHS = ("cnn", "resnet9")
 
@@ -96,7 +97,7 @@ def _check(images: torch.Tensor, labels: torch.Tensor, what: str) -> None:
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, arch: str = "cnn", epochs: int = 10,
                      seed: int = 0, batch_size: int = 128, lr: float = 2e-3, num_classes: int | None = None,
-                     log=None) -> nn.Module:
+                     verbose: bool = False) -> nn.Module:
     """Adam + cosine schedule, plain cross-entropy; returns the model in eval mode with
     `model.images_per_s` (training throughput) set."""
     _check(images, labels, "train_classifier")
@@ -121,8 +122,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, arch: str = "cn
             sched.step()
             total += loss.item() * len(idx)
             seen += len(idx)
-        if log:
-            log(f"classifier epoch {epoch + 1}/{epochs} loss {total / len(images):.4f}")
+        if verbose:
+            log(f"classifier epoch {epoch + 1}/{epochs} loss {total / len(images):.4f}", err=True)
     model.images_per_s = seen / max(time.perf_counter() - t0, 1e-9)
     return model.eval()
 
@@ -140,7 +141,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 def evaluate_synthetic(train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
                        test_labels: torch.Tensor, arch: str = "cnn", epochs: int = 10, seeds: int = 3,
-                       log=None, **train_kwargs) -> dict:
+                       verbose: bool = False, **train_kwargs) -> dict:
     """Train `seeds` classifiers (seeds 0..seeds-1) on the train set, test each on the test set."""
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DpldmError(f"evaluate_synthetic: train images {tuple(train_images.shape[1:])} and test images "
@@ -152,8 +153,8 @@ def evaluate_synthetic(train_images: torch.Tensor, train_labels: torch.Tensor, t
                                  **train_kwargs)
         runs.append(accuracy(model, test_images, test_labels))
         speeds.append(model.images_per_s)
-        if log:
-            log(f"{arch} seed {seed}: accuracy {runs[-1]:.4f} ({speeds[-1]:.0f} img/s training)")
+        if verbose:
+            log(f"{arch} seed {seed}: accuracy {runs[-1]:.4f} ({speeds[-1]:.0f} img/s training)", err=True)
     t = torch.tensor(runs, dtype=torch.float64)
     return {"mean": float(t.mean()), "std": float(t.std()) if len(runs) > 1 else 0.0, "runs": runs,
             "arch": arch, "epochs": epochs, "n_train": len(train_images), "n_test": len(test_images),

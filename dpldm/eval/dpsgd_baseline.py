@@ -24,10 +24,14 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpldm.errors import DpldmError
 from dpldm.eval.classifier import _check, build_classifier
+from dpldm.log import log
+from dpldm.rng import RunRandomness, secret_seed
 
 EXPLICIT_SEED_WARNING = "explicit seed: the noise is reproducible by whoever has the seed; not a release"
 
@@ -49,17 +53,13 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
                            momentum: float = DEFAULTS["momentum"], optimizer: str = "sgd",
                            arch: str = DEFAULTS["arch"], width: int = DEFAULTS["width"],
                            accountant: str = "prv", seed: int | None = None,
-                           num_classes: int | None = None, log=None):
+                           num_classes: int | None = None, verbose: bool = False):
     """Train with opacus DP-SGD (Poisson sampling, per-example clipping to `max_grad_norm`, noise
     calibrated to spend `target_epsilon` at `delta` over `epochs`). `width`/`lr` 0 take the
     budget's tuned values (`budget_defaults`). `seed=None` (default) draws a fresh secret seed; an explicit
     seed is for tests and is flagged "not a release" in the ledger's warnings. Returns (model in eval mode,
     ledger dict with epsilon spent, delta, accountant, noise_multiplier, sample_rate, steps, ...): nothing in
     it is computed from the private data beyond the accountant's output (throughput counts expected batches)."""
-    from opacus import PrivacyEngine
-
-    from dpldm.rng import RunRandomness, secret_seed
-
     _check(images, labels, "train_dpsgd_classifier")
     n = len(images)
     if not 0 < delta < 1:
@@ -110,8 +110,8 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
                 _empty_per_sample_grads(opt)  # an empty Poisson batch: a noise-only step
             opt.step()
             steps += 1
-        if log:
-            log(f"dp-sgd epoch {epoch + 1}/{epochs}: eps {engine.get_epsilon(delta):.3f}")
+        if verbose:
+            log(f"dp-sgd epoch {epoch + 1}/{epochs}: eps {engine.get_epsilon(delta):.3f}", err=True)
     seconds = time.perf_counter() - t0
     eps = float(engine.get_epsilon(delta))
     ledger = {
@@ -131,8 +131,6 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
 def _draw_noise_from(opt, gen: np.random.Generator) -> None:
     """Make opacus' DPOptimizer add its N(0, σ²C²) noise from `gen` (PCG64, keyed by the secret seed) instead of
     a torch generator; everything else of its step (clip, sum, scale, accountant hook) is unchanged."""
-    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-
     def add_noise():
         std = opt.noise_multiplier * opt.max_grad_norm
         for p in opt.params:

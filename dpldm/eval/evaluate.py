@@ -10,21 +10,19 @@ seed each): the row shows their mean at one ε, and the report's total privacy c
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 from dpldm.config import EvalConfig, load_config
 from dpldm.errors import DpldmError
-from dpldm.eval.classifier import evaluate_synthetic
+from dpldm.eval.classifier import accuracy, evaluate_synthetic
+from dpldm.eval.dpsgd_baseline import DEFAULTS, train_dpsgd_classifier
+from dpldm.eval.fid import fid_against_reference
 from dpldm.eval.report import read_ledger, row_from_ledger, write_report
 from dpldm.eval.shards import load_shards
+from dpldm.log import log
 from dpldm.run_dir import RunDir
 
 FID_MAX_IMAGES = 500   # ~5 img/s through Inception on a CPU; set sizes are stated in the report
-
-
-def _log(msg: str) -> None:
-    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
 
 
 def _eval_config(run: Path) -> EvalConfig:
@@ -52,19 +50,19 @@ def main(args) -> int:
 
     x_test, y_test = load_shards(args.real_test)
     channels, resolution = x_test.shape[1], x_test.shape[-1]
-    _log(f"real test set: {len(x_test)} images, {channels}×{resolution}×{resolution}")
+    log(f"evaluate: real test set: {len(x_test)} images, {channels}×{resolution}×{resolution}", err=True)
     rows, sizes = [], {"real test": len(x_test)}
     for run in runs:
         ledger = read_ledger(run)
         x_syn, y_syn = load_shards(str(run / "samples" / "shards"), channels=channels, resolution=resolution)
-        _log(f"{run}: {len(x_syn)} synthetic images; training {seeds}× {arch} for {epochs} epochs")
-        acc = evaluate_synthetic(x_syn, y_syn, x_test, y_test, arch, epochs, seeds, log=_log)
+        log(f"evaluate: {run}: {len(x_syn)} synthetic images; training {seeds}× {arch} for {epochs} epochs",
+            err=True)
+        acc = evaluate_synthetic(x_syn, y_syn, x_test, y_test, arch, epochs, seeds, verbose=True)
         fid = None
         if do_fid:
-            from dpldm.eval.fid import fid_against_reference
-
             n = min(len(x_syn), len(x_test), FID_MAX_IMAGES)
-            fid = fid_against_reference(x_syn[:n], args.real_test, ecfg.inception, out / "fid_cache", n, log=_log)
+            fid = fid_against_reference(x_syn[:n], args.real_test, ecfg.inception, out / "fid_cache", n,
+                                        verbose=True)
             sizes[f"FID {run.name}"] = f"{n} synthetic vs {n} real"
         sizes[f"synthetic {run.name}"] = len(x_syn)
         rows.append(row_from_ledger(_method_name(run, ledger), ledger, acc, fid, run=str(run)))
@@ -83,21 +81,18 @@ def main(args) -> int:
     for r in rows:
         eps = "∞" if not math.isfinite(r["epsilon"]) else f"{r['epsilon']:.3g}"
         fid = f"  FID {r['fid']:.1f}" if r.get("fid") is not None else ""
-        print(f"{r['method']}: eps {eps}  accuracy {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}%{fid}")
-    print(f"report: {out / 'report.md'}")
+        log(f"{r['method']}: eps {eps}  accuracy {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}%{fid}")
+    log(f"report: {out / 'report.md'}")
     return 0
 
 
 def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epochs: int, seeds: int,
                sizes: dict) -> list[dict]:
     """No-DP classifier on the real private data, and opacus DP-SGD at each private run's (ε, δ)."""
-    from dpldm.eval.dpsgd_baseline import DEFAULTS, train_dpsgd_classifier
-    from dpldm.eval.classifier import accuracy
-
     x_tr, y_tr = load_shards(real_train, channels=x_test.shape[1], resolution=x_test.shape[-1])
     sizes["real private train"] = len(x_tr)
-    _log(f"No-DP baseline on {len(x_tr)} real private images")
-    nodp = evaluate_synthetic(x_tr, y_tr, x_test, y_test, arch, epochs, seeds, log=_log)
+    log(f"evaluate: No-DP baseline on {len(x_tr)} real private images", err=True)
+    nodp = evaluate_synthetic(x_tr, y_tr, x_test, y_test, arch, epochs, seeds, verbose=True)
     out = [row_from_ledger("No DP (real data)", {"private": False, "sampling": "shuffle"}, nodp,
                            notes="classifier trained on the private data without DP")]
     budgets = sorted({(r["epsilon"], r["delta"]) for r in rows if r.get("private") and r.get("delta")})
@@ -106,10 +101,11 @@ def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epo
         for seed in range(seeds):
             model, ledger = train_dpsgd_classifier(x_tr, y_tr, target_epsilon=eps, delta=delta,  # secret seed
                                                    expected_batch_size=min(DEFAULTS["expected_batch_size"], len(x_tr) // 2),
-                                                   num_classes=int(max(y_tr.max(), y_test.max())) + 1, log=_log)
+                                                   num_classes=int(max(y_tr.max(), y_test.max())) + 1, verbose=True)
             accs.append(accuracy(model, x_test, y_test))
             ledgers.append(ledger)
-            _log(f"DP-SGD eps={eps:.3g} model {seed + 1}/{seeds}: accuracy {accs[-1]:.4f} ({ledger['seconds']:.0f} s)")
+            log(f"evaluate: DP-SGD eps={eps:.3g} model {seed + 1}/{seeds}: accuracy {accs[-1]:.4f} "
+                f"({ledger['seconds']:.0f} s)", err=True)
         mean = sum(accs) / len(accs)
         std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
         # each of the `seeds` models is a separate private training on the real data: the total counts all
@@ -117,5 +113,5 @@ def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epo
                                    notes=f"σ={ledger['noise_multiplier']:.2f}, q={ledger['sample_rate']:.3g}, "
                                          f"{ledger['steps']} steps, C={ledger['max_grad_norm']}", ledgers=ledgers))
     if not budgets:
-        _log("no private run given: DP-SGD baseline skipped (it needs a target ε, δ)")
+        log("evaluate: no private run given: DP-SGD baseline skipped (it needs a target ε, δ)", err=True)
     return out

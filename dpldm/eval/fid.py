@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from dpldm.data.shards import expand_shards
 from dpldm.errors import DpldmError
 from dpldm.eval.shards import load_shards
+from dpldm.log import log
 
 
 def default_inception_path() -> str:
@@ -103,7 +104,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 
 def reference_features(shards: str, count: int, inception_path: str = "", cache_dir: str | Path = "",
-                       log=None) -> np.ndarray:
+                       verbose: bool = False) -> np.ndarray:
     """Inception features of the first `count` images of real shards, cached on disk keyed by the
     shard files (names, sizes, mtimes), the count and the Inception file's hash."""
     path = resolve_inception_path(inception_path)
@@ -115,8 +116,8 @@ def reference_features(shards: str, count: int, inception_path: str = "", cache_
     if cache is not None and cache.exists():
         return np.load(cache)
     images, _ = load_shards(shards, limit=count, require_labels=False)
-    if log:
-        log(f"fid: computing Inception features of {len(images)} reference images (cache {cache})")
+    if verbose:
+        log(f"fid: computing Inception features of {len(images)} reference images (cache {cache})", err=True)
     feats = inception_features(load_inception(path), images)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -127,9 +128,10 @@ def reference_features(shards: str, count: int, inception_path: str = "", cache_
 
 
 def fid_against_reference(images: torch.Tensor, shards: str, inception_path: str = "",
-                          cache_dir: str | Path = "", count: int | None = None, log=None) -> dict:
+                          cache_dir: str | Path = "", count: int | None = None,
+                          verbose: bool = False) -> dict:
     """FID of `images` against the first `count` (default: as many) real images of `shards`."""
     count = count or len(images)
-    ref = reference_features(shards, count, inception_path, cache_dir, log)
+    ref = reference_features(shards, count, inception_path, cache_dir, verbose)
     feats = inception_features(load_inception(inception_path), images)
     return {"fid": frechet_distance(feats, ref), "n_fake": len(feats), "n_real": len(ref)}

@@ -10,8 +10,15 @@ so they are drawn as horizontal reference lines across it (dotted / dashed), lab
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
+from matplotlib.figure import Figure   # the object API: no pyplot, no global backend to choose
+from PIL import Image
+
+from dpldm.config import load_config
+from dpldm.errors import DpldmError
 from dpldm.eval.total_cost import has_explicit_seed, row_kind
 from dpldm.run_dir import RunDir
 
@@ -32,12 +39,8 @@ def plot_privacy_utility(rows: list[dict], path: Path) -> list[str]:
     pts = [r for r in rows if r.get("acc_mean") is not None and r.get("epsilon") is not None]
     if len(pts) < 2:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    fig = Figure(figsize=(9.5, 4.5))
+    ax = fig.subplots()
     finite = [r for r in pts if row_kind(r) in ("private", "paper") and float(r["epsilon"]) > 0]
     for m in dict.fromkeys(r["method"] for r in finite):
         rs = sorted((r for r in finite if r["method"] == m), key=lambda r: float(r["epsilon"]))
@@ -64,7 +67,6 @@ def plot_privacy_utility(rows: list[dict], path: Path) -> list[str]:
     ax.grid(alpha=0.3)
     legend = ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return [t.get_text() for t in legend.get_texts()]
 
 
@@ -72,8 +74,6 @@ def class_labels_of(run: Path) -> tuple[list[str], bool]:
     """(public class names for a run's samples, whether they are the pretrained pipeline's prompts): the run
     config's model.class_names, else the pretrained pipeline's (dpldm.json; then private label k was trained
     with the pipeline's k-th prompt). Never classes.json, which may be derived from the private labels."""
-    from dpldm.config import load_config
-    from dpldm.errors import DpldmError
     cfg_file = RunDir(run).config
     try:
         cfg = load_config(cfg_file) if cfg_file.is_file() else None
@@ -109,13 +109,6 @@ def class_grid(run: Path, dst: Path) -> bool:
             by_class[k].append(f)
     if not by_class:
         return False
-    import matplotlib
-    import numpy as np
-    from PIL import Image
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     classes = sorted(by_class)[:GRID_MAX_CLASSES]
     names, pipeline = class_labels_of(run)
     first = np.asarray(Image.open(by_class[classes[0]][0]).convert("RGB"))
@@ -127,7 +120,8 @@ def class_grid(run: Path, dst: Path) -> bool:
             img = np.asarray(Image.open(f).convert("RGB").resize((w, h)))
             y, x = pad + row * (h + pad), pad + col * (w + pad)
             canvas[y:y + h, x:x + w] = img
-    fig, ax = plt.subplots(figsize=(0.5 * cols, 0.3 + 0.5 * len(classes)))
+    fig = Figure(figsize=(0.5 * cols, 0.3 + 0.5 * len(classes)))
+    ax = fig.subplots()
     ax.imshow(canvas, interpolation="nearest")
     ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(classes))])
     ax.set_yticklabels([_row_label(k, names, pipeline) for k in classes], fontsize=8)
@@ -138,7 +132,6 @@ def class_grid(run: Path, dst: Path) -> bool:
     ax.set_title(f"{run.name}: samples by class{more}", fontsize=9)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(dst, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return True
 
 
@@ -149,7 +142,6 @@ def grid_for(run: Path, out: Path) -> str | None:
         src = run / "samples" / "grid.png"
         if not src.is_file():
             return None
-        import shutil
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
     return str(dst.relative_to(out))

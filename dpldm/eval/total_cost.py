@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import math
 
+import dp_accounting
+from dp_accounting import NeighboringRelation
+from dp_accounting.pld import PLDAccountant
+
 RELATION_NAMES = {"add_remove": "add/remove-one", "replace_one": "replace-one"}
 MECHANISM_FIELDS = ("noise_multiplier", "sample_rate", "steps")
 BASIC = "basic composition (sum of the ε and of the δ of every private training)"
@@ -116,10 +120,6 @@ def _pld_total(trainings: list[dict], delta: float | None, relations: list[str])
         return None, "not computed: a training's δ is unknown"
     if any(float(t["noise_multiplier"]) <= 0 for t in trainings):
         return None, "not computed: a training has σ = 0"
-    import dp_accounting
-    from dp_accounting import NeighboringRelation
-    from dp_accounting.pld import PLDAccountant
-
     relation = "replace_one" if "replace_one" in relations else "add_remove"
     rel = NeighboringRelation.REPLACE_ONE if relation == "replace_one" else NeighboringRelation.ADD_OR_REMOVE_ONE
     basic = sum(t["epsilon"] for t in trainings)

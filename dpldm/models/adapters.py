@@ -22,8 +22,12 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpldm import __version__
 from dpldm.config import AdapterConfig, ConfigError, config_from_dict
 from dpldm.errors import DpldmError
 from dpldm.models.loda import NONLINEARITIES, AdaptedLayer, wrap_loda
@@ -108,8 +112,6 @@ def _describe(cfg: AdapterConfig) -> str:
 
 def _attention_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """Transformer2DModel blocks plus bare Attention modules not inside one."""
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
     found: list[tuple[str, nn.Module]] = []
     for name, module in unet.named_modules():
         if isinstance(module, (Transformer2DModel, Attention)) and \
@@ -221,8 +223,6 @@ def parameter_table(unet: nn.Module) -> str:
 
 def save_adapter(unet: nn.Module, adapter_cfg: AdapterConfig, directory: str | Path) -> Path:
     """Write `adapter.safetensors` (trainable parameters only) and `adapter_config.json`."""
-    from safetensors.torch import save_file
-    from dpldm import __version__
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_named_parameters(unet).items()}
@@ -261,7 +261,6 @@ def _short(names) -> str:
 def load_adapter(unet: nn.Module, directory: str | Path) -> AdapterConfig:
     """Attach the adapter described by `directory/adapter_config.json` to a base U-Net and load
     its weights; a U-Net already carrying the same adapter config just gets the weights."""
-    from safetensors.torch import load_file
     directory = Path(directory)
     for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (directory / f).is_file():
@@ -294,15 +293,15 @@ def load_adapter(unet: nn.Module, directory: str | Path) -> AdapterConfig:
 def merge_adapter(unet: nn.Module, inplace: bool = False) -> nn.Module:
     """A plain diffusers U-Net (no dpldm modules) with the same outputs: LoRA and identity-σ LoDA
     fold scale·B∘A into W; attention/full already change W. Nonlinear LoDA cannot merge: DpldmError
-    (export it as base pipeline + save_adapter folder, see docs/adapters.md). All parameters of
-    the result are frozen (requires_grad False)."""
+    (`dpldm export` ships it as an AdaptedUNet2DConditionModel with its code, see docs/adapters.md). All
+    parameters of the result are frozen (requires_grad False)."""
     layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, AdaptedLayer)]
     for name, m in layers:
         if not m.mergeable:
             raise DpldmError(f"merge_adapter: LoDA with nonlinearity '{m.nonlinearity}' (at {name}) is not "
-                             "linear and cannot be merged into plain diffusers weights; export the base "
-                             "pipeline plus the adapter folder (load with dpldm.models.adapters.load_adapter), "
-                             "or train with adapter.nonlinearity=identity")
+                             "linear and cannot be merged into plain diffusers weights; `dpldm export` writes it "
+                             "with its code (diffusers loads it with trust_remote_code=True), or train with "
+                             "adapter.nonlinearity=identity")
     out = unet if inplace else copy.deepcopy(unet)
     for name, _ in layers:
         _set_submodule(out, name, out.get_submodule(name).merged())

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from dpldm.errors import DpldmError
@@ -67,7 +68,6 @@ def lora_state_dict_for_diffusers(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora_for_diffusers(unet: nn.Module, directory: str | Path) -> Path:
     """Write `directory/pytorch_lora_weights.safetensors`; load with `pipe.load_lora_weights(directory)`."""
-    from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / DIFFUSERS_LORA_FILE

