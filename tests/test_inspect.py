@@ -39,3 +39,27 @@ def test_pack_private_marks_the_set_and_inspect_respects_it(tmp_path, capsys):
     assert json.loads((out / "dataset.json").read_text())["private"] is True
     assert cli(["data", "inspect", str(out)]) == 0
     assert not (out / "inspect_grid.png").exists() and "marked private" in capsys.readouterr().out
+
+
+def test_a_truncated_shard_is_reported_with_the_samples_it_lost(tmp_path, capsys):
+    """Issue 14 §6: a shard cut mid-file used to read as "samples: 5, unreadable: 1" with the lost samples
+    vanishing from the report; inspect now compares with the pack manifest (count and per-shard counts)."""
+    out = tmp_path / "set"
+    assert cli(["data", "pack", "mnist", "--out", str(out), "--limit", "20", "--shard-size", "10"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["shard_counts"] == {"shard-000000.tar": 10, "shard-000001.tar": 10}
+    capsys.readouterr()
+    assert cli(["data", "inspect", str(out)]) == 0
+    assert "expected: 20 (dataset.json): all read" in capsys.readouterr().out
+    shard = out / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: len(shard.read_bytes()) // 2 + 100])   # cut mid-file
+    assert cli(["data", "inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    read = int(next(ln for ln in text.splitlines() if ln.startswith("samples:")).split()[1])
+    assert read < 20 and f"MISSING: {20 - read} samples not read" in text
+    assert f"TRUNCATED: {shard}: read {read - 10} of the 10 samples" in text
+
+
+def test_shards_without_a_manifest_say_their_count_cannot_be_checked(shards, capsys):
+    assert cli(["data", "inspect", str(shards)]) == 0
+    assert "expected: unknown (no dataset.json" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """`dpldm data inspect SHARDS`: sample count, class histogram, image sizes and modes, caption count,
-unreadable samples, and a grid PNG of the first images (default DIR/inspect_grid.png).
+unreadable samples, what is missing against the pack manifest (DIR/dataset.json: the set's count and each
+shard's), and a grid PNG of the first images (default DIR/inspect_grid.png).
 
 Its outputs are the data itself: the grid shows real images and the histogram is an exact, un-noised statistic
 of the set. On private data both are private and must never be published (docs/privacy.md, "Release checklist");
@@ -23,23 +24,43 @@ PRIVATE_OUTPUT_WARNING = ("data inspect: WARNING: the grid shows real images and
                           "for private data both are private: never publish them")
 
 
-def marked_private(pattern: str, shards: list[str]) -> bool:
-    """True when the set's dataset.json (next to the shards) says `"private": true`."""
+def _manifest(pattern: str, shards: list[str]) -> dict:
+    """The set's dataset.json (next to the shards) as a dict; {} when there is none or it is unreadable."""
     base = pattern if os.path.isdir(pattern) else os.path.dirname(shards[0]) if shards else ""
     meta = Path(base) / "dataset.json"
     if not base or not meta.is_file():
-        return False
+        return {}
     try:
-        return json.loads(meta.read_text()).get("private") is True
-    except (json.JSONDecodeError, AttributeError):
-        return False
+        found = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def marked_private(pattern: str, shards: list[str]) -> bool:
+    """True when the set's dataset.json (next to the shards) says `"private": true`."""
+    return _manifest(pattern, shards).get("private") is True
+
+
+def _against_manifest(manifest: dict, shards: list[str], per_shard: Counter) -> dict:
+    """What the manifest counts and what is missing from it: {"expected", "missing", "short": [(shard, read,
+    expected)]} (expected None without a manifest count; per-shard rows only where the manifest has them)."""
+    expected = manifest.get("count") if isinstance(manifest.get("count"), int) else None
+    counts = manifest.get("shard_counts") if isinstance(manifest.get("shard_counts"), dict) else {}
+    wanted = {url: counts.get(os.path.basename(url)) for url in shards}
+    short = [(url, per_shard[url], n) for url, n in wanted.items() if isinstance(n, int) and per_shard[url] != n]
+    read = sum(per_shard.values())
+    return {"expected": expected, "missing": max(expected - read, 0) if expected is not None else None,
+            "short": short}
 
 
 def inspect_shards(pattern: str, grid_path: str = "", grid_count: int = 64) -> dict:
     """Read every sample once (undecoded sizes come from the image headers); returns the summary.
     grid_path "" = DIR/inspect_grid.png, or no grid at all when the set is marked private."""
     shards = expand_shards(pattern)
-    private = marked_private(pattern, shards)
+    manifest = _manifest(pattern, shards)
+    private = manifest.get("private") is True
+    per_shard: Counter = Counter()
     labels: Counter = Counter()
     sizes: Counter = Counter()
     count = captions = unlabeled = 0
@@ -59,6 +80,7 @@ def inspect_shards(pattern: str, grid_path: str = "", grid_count: int = 64) -> d
             bad.append(BadSample(rec["__url__"], rec["__key__"], str(e) or type(e).__name__))
             continue
         count += 1
+        per_shard[rec["__url__"]] += 1
         sizes[f"{img.size[0]}x{img.size[1]} {img.mode} .{ext}"] += 1
         if label is None:
             unlabeled += 1
@@ -78,7 +100,8 @@ def inspect_shards(pattern: str, grid_path: str = "", grid_count: int = 64) -> d
         raise DpldmError(f"data inspect: {pattern} holds no samples")
     return {"shards": len(shards), "count": count, "labels": dict(sorted(labels.items())),
             "unlabeled": unlabeled, "captions": captions, "sizes": dict(sizes.most_common()),
-            "bad": bad, "grid": grid_path if grid_images and grid_path else "", "private": private}
+            "bad": bad, "grid": grid_path if grid_images and grid_path else "", "private": private,
+            **_against_manifest(manifest, shards, per_shard)}
 
 
 def format_summary(s: dict) -> str:
@@ -89,6 +112,14 @@ def format_summary(s: dict) -> str:
         lines.append(f"no label: {s['unlabeled']}")
     lines.append(f"captions: {s['captions']}")
     lines.append("images:   " + ", ".join(f"{k} ({v})" for k, v in s["sizes"].items()))
+    if s.get("expected") is None:
+        lines.append("expected: unknown (no dataset.json pack manifest: the count cannot be checked)")
+    elif s["missing"] or s["short"]:
+        lines.append(f"expected: {s['expected']} (dataset.json); MISSING: {s['missing']} samples not read")
+    else:
+        lines.append(f"expected: {s['expected']} (dataset.json): all read")
+    for url, read, expected in s.get("short", []):
+        lines.append(f"TRUNCATED: {url}: read {read} of the {expected} samples the manifest counts")
     if s["bad"]:
         lines.append(f"unreadable: {len(s['bad'])}, first: {s['bad'][0].message()}")
     if s["grid"]:

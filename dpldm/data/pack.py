@@ -3,7 +3,8 @@
 Each sample `<key>` (9-digit running number) holds `<key>.png|jpg`, `<key>.cls` (label as text, when
 known), `<key>.txt` (caption, when there is one) and `<key>.json` (source, index, width, height,
 label, caption). `DIR/dataset.json` is written last: source, split, count, class names, label
-histogram, shard names. Re-running the same command on a finished DIR does nothing.
+histogram, shard names and each shard's sample count (`shard_counts`: readers check what they read against
+them). Re-running the same command on a finished DIR does nothing.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ def pack(source: str, out: str | Path, *, split: str = "train", shard_size: int 
         "captions": captions["txt"],
         "sizes": dict(sizes),
         "shards": shards,
+        "shard_counts": {SHARD_PATTERN % k: b - a for k, a, b, *_ in tasks},
         "private": bool(private),
     }
     tmp = meta_path.with_suffix(".tmp")
