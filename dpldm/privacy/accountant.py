@@ -22,6 +22,14 @@ import logging
 import math
 import warnings
 
+import dp_accounting
+from dp_accounting import NeighboringRelation
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+from opacus.accountants import PRVAccountant, RDPAccountant
+from scipy.optimize import brentq
+
 from dpldm.errors import DpldmError
 
 ACCOUNTANTS = ("rdp", "prv", "pld", "dpa_rdp")
@@ -81,15 +89,12 @@ def _quiet():
 
 
 def _dpa_event(noise_multiplier: float, sample_rate: float, steps: int):
-    import dp_accounting
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
         int(steps))
 
 
 def _opacus_rdp(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
-    from opacus.accountants import RDPAccountant
     acc = RDPAccountant()
     acc.history = [(noise_multiplier, sample_rate, int(steps))]
     # opacus' default orders stop at 63; the wider dp_accounting set is tighter at large ε
@@ -99,7 +104,6 @@ def _opacus_rdp(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 
 def _opacus_prv(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                 rough: float) -> float:
-    from opacus.accountants import PRVAccountant
     acc = PRVAccountant()
     acc.history = [(noise_multiplier, sample_rate, int(steps))]
     # eps_error is absolute: keep it below ~1% of ε at small ε (costs ~10x mesh points there)
@@ -109,8 +113,6 @@ def _opacus_prv(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 
 def _dpa_pld(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
              rough: float, relation: str = "add_remove") -> float:
-    from dp_accounting import NeighboringRelation
-    from dp_accounting.pld import PLDAccountant
     rel = NeighboringRelation.REPLACE_ONE if relation == "replace_one" else NeighboringRelation.ADD_OR_REMOVE_ONE
     # a coarser grid is pessimistic (still an upper bound), ~0.1% off at ε >~ 0.5 and 5x faster
     acc = PLDAccountant(neighboring_relation=rel, value_discretization_interval=1e-3 if rough > 1.0 else 1e-4)
@@ -119,7 +121,6 @@ def _dpa_pld(noise_multiplier: float, sample_rate: float, steps: int, delta: flo
 
 
 def _dpa_rdp(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    from dp_accounting.rdp import RdpAccountant
     acc = RdpAccountant()
     acc.compose(_dpa_event(noise_multiplier, sample_rate, steps))
     return float(acc.get_epsilon(delta))
@@ -167,8 +168,6 @@ def noise_multiplier_for(target_epsilon: float, sample_rate: float, steps: int, 
         raise DpldmError(f"privacy: target_epsilon must be a finite number > 0; got {target_epsilon!r}")
     if steps == 0:
         return 0.0
-    from scipy.optimize import brentq
-
     seen: dict[tuple[float, str], float] = {}
 
     def gap(sigma: float, acc: str = accountant) -> float:   # > 0 means over budget

@@ -24,14 +24,22 @@ from __future__ import annotations
 import copy
 import json
 import math
+import secrets
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats
 
+from dpldm.config import load_config
 from dpldm.errors import DpldmError
+from dpldm.eval.shards import load_shards, write_shards
+from dpldm.log import log as _log
+from dpldm.models.adapters import load_adapter
+from dpldm.models.diffusion_loss import diffusion_loss, example_draws, unet_caller
+from dpldm.models.pipeline import class_prompts, encode_images, encode_prompts, load_pipeline
 from dpldm.run_dir import RunDir
+from dpldm.train.finetune import run_finetune
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -162,9 +170,6 @@ def diffusion_losses(comps, unet, images: torch.Tensor, labels: torch.Tensor, pr
                      k: int, seed: int) -> np.ndarray:
     """Per-canary diffusion loss at K fixed (timestep, noise) draws keyed by (seed, canary index),
     timesteps from the high-noise second half of the schedule."""
-    from dpldm.models.diffusion_loss import diffusion_loss, example_draws, unet_caller
-    from dpldm.models.pipeline import encode_images, encode_prompts
-
     device = next(unet.parameters()).device
     z, _ = encode_images(comps.vae, images.float().div(127.5).sub(1).to(device))
     table = encode_prompts(comps, prompts).to(device)
@@ -185,9 +190,6 @@ def diffusion_losses(comps, unet, images: torch.Tensor, labels: torch.Tensor, pr
 
 def canary_scores(pretrained: str, run_dir: Path, images, labels, prompts, k: int = 16, seed: int = 1234) -> np.ndarray:
     """Loss decrease (before − after fine-tuning) of each canary; members should decrease more."""
-    from dpldm.models.adapters import load_adapter
-    from dpldm.models.pipeline import load_pipeline
-
     comps = load_pipeline(pretrained)
     before = diffusion_losses(comps, comps.unet, images, labels, prompts, k, seed)
     load_adapter(comps.unet, RunDir(run_dir).adapter)
@@ -198,12 +200,8 @@ def canary_scores(pretrained: str, run_dir: Path, images, labels, prompts, k: in
 # -- orchestration ------------------------------------------------------------------------------
 
 def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out_dir: str = "",
-              seed: int | None = 0, log=print) -> dict:
+              seed: int | None = 0, log=_log) -> dict:
     """Insert canaries, fine-tune once, score, bound ε; writes OUT/audit.json and OUT/audit.md."""
-    from dpldm.eval.shards import load_shards, write_shards
-    from dpldm.models.pipeline import class_prompts
-    from dpldm.train.finetune import run_finetune
-
     if canaries < 2:
         raise DpldmError(f"audit: --canaries must be ≥ 2; got {canaries}")
     guesses = guesses or canaries // 2
@@ -211,7 +209,6 @@ def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out
         raise DpldmError(f"audit: --guesses must be in 1..{canaries}; got {guesses}")
     out = Path(out_dir or cfg.output.dir)
     if seed is None:                # the canaries and their membership need not be secret, only random
-        import secrets
         seed = secrets.randbits(31)
     delta = float(cfg.privacy.delta or 0.0)
     claim = float(cfg.privacy.target_epsilon) if cfg.privacy.enabled else math.inf
@@ -292,8 +289,6 @@ def _markdown(r: dict) -> str:
 
 
 def main(args) -> int:
-    from dpldm.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     if not cfg.model.pretrained:
         raise DpldmError("model.pretrained: the audit fine-tunes a pipeline; set it to a pipeline folder")
