@@ -9,8 +9,8 @@ input tokens (a conv's input unfolded to its receptive fields) and G_i [K·T, d_
 the summed loss with respect to the layer's output tokens, example i's weight gradient is
 G_iᵀ A_i (the K draws summed, as one per-example gradient), and
 
-    ghost form:        ‖G_iᵀ A_i‖²_F = Σ_{t,s} (A_i A_iᵀ)_{ts} (G_i G_iᵀ)_{ts}   cost ∝ (K·T)²·(d_in+d_out)
-    materialised form: P_i = G_iᵀ A_i, ‖P_i‖² directly                            cost ∝ K·T·d_in·d_out
+    ghost form:        ‖G_iᵀ A_i‖²_F = Σ_{t,s} (A_i A_iᵀ)_{ts} (G_i G_iᵀ)_{ts}   ∝ (K·T)²·(d_in+d_out)
+    materialised form: P_i = G_iᵀ A_i, ‖P_i‖² directly                            ∝ K·T·d_in·d_out
 
 `Site.choose_form` takes the cheaper of the two (or a forced one). Biases and norm-layer affine
 parameters (per-example gradient Σ_t G_i, or Σ_t G_i ⊙ x̂_i) are always materialised: they are small.
@@ -137,10 +137,16 @@ class Site:
 
     # -- backward tap ---------------------------------------------------------------------------
     def on_grad(self, call: int, g: Tensor, b: int, keep: bool, forced: str) -> None:
-        """Per-example squared norms (and what the clipped sum needs) of one call's gradient."""
+        """Per-example squared norms (and what the clipped sum needs) of one call's gradient; the
+        call's input is released afterwards (a ghost-form weight keeps it in `stored`)."""
         if not self.valid:
             return
-        a, g = self.inputs[call], g.detach()
+        try:
+            self._on_grad(self.inputs[call], g.detach(), b, keep, forced)
+        finally:
+            self.inputs[call] = None
+
+    def _on_grad(self, a: Tensor, g: Tensor, b: int, keep: bool, forced: str) -> None:
         if self.kind in ("groupnorm", "layernorm"):
             self._norm_layer(a, g, b, a.shape[0] // b)
             return
@@ -155,7 +161,8 @@ class Site:
             if self.kind == "conv" and not self.pointwise():
                 self._add_per_example("weight", self.conv_per_example(a, g, b))
             else:
-                self._add_per_example("weight", torch.bmm(G.transpose(1, 2), self.a_tokens(a, b)).reshape(b, *w.shape))
+                p = torch.bmm(G.transpose(1, 2), self.a_tokens(a, b))
+                self._add_per_example("weight", p.reshape(b, *w.shape))
             return
         if self.kind == "conv" and not self.pointwise():
             k = a.shape[0] // b
