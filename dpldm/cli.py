@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dpldm.errors import DpldmError
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log(f"dpldm {args.verb}: interrupted", all_ranks=True, err=True)
         return 130
+    except BrokenPipeError:           # output piped into `head` & co.: the reader is gone, not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":
