@@ -15,7 +15,8 @@ from dpldm.cli import main as cli
 from dpldm.data.images import decode_image
 from dpldm.data.pack import pack
 from dpldm.data.sources import fashion_mnist_source, mnist_source, open_source
-from dpldm.data.stream import count_samples, iterate_samples
+from dpldm.data.shards import count_samples
+from dpldm.data.stream import iterate_samples
 from dpldm.errors import DpldmError
 
 

@@ -90,6 +90,6 @@ def test_private_shards_truncated_against_their_pack_manifest_are_refused(tmp_pa
     with pytest.raises(DpldmError, match="read 37 samples"):
         _build(tmp_path, cut)
     logged = []
-    from dpldm.data.stream import check_complete
+    from dpldm.data.shards import check_complete
     check_complete(str(_shards(tmp_path / "foreign", [0, 1])), 2, log=logged.append)   # no manifest: a notice
     assert "cannot be checked" in logged[0]

@@ -29,7 +29,12 @@ import numpy as np
 import torch
 
 from dpldm.config import Config, load_config
+from dpldm.data.shards import check_complete
+from dpldm.data.stream import stream_loader
+from dpldm.distributed.env import barrier
 from dpldm.errors import DpldmError
+from dpldm.log import log
+from dpldm.models.pipeline import encode_images, load_pipeline
 
 FORMAT_VERSION = 1
 
@@ -101,10 +106,8 @@ def is_fresh(path: Path, source: str, identity: str, cfg: Config) -> bool:
 
 
 @torch.no_grad()
-def build_cache(cfg: Config, vae, path: Path, log=print) -> LatentCache:
+def build_cache(cfg: Config, vae, path: Path, log=log) -> LatentCache:
     """Stream the private shards once through the frozen VAE (single process) into `path`."""
-    from dpldm.data.stream import check_complete, stream_loader
-    from dpldm.models.pipeline import encode_images
 
     if not cfg.data.private:
         raise DpldmError("data.private: no private shards configured (set data.private=DIR)")
@@ -160,9 +163,8 @@ def build_cache(cfg: Config, vae, path: Path, log=print) -> LatentCache:
     return LatentCache(path)
 
 
-def ensure_cache(cfg: Config, vae, env=None, log=print) -> LatentCache:
+def ensure_cache(cfg: Config, vae, env=None, log=log) -> LatentCache:
     """Reuse a fresh cache; otherwise rank 0 encodes while the other ranks wait."""
-    from dpldm.distributed.env import barrier
     path = cache_dir_for(cfg)
     identity = encoder_identity(vae)
     if not is_fresh(path, cfg.data.private, identity, cfg):
@@ -175,7 +177,6 @@ def ensure_cache(cfg: Config, vae, env=None, log=print) -> LatentCache:
 
 
 def main(args) -> int:
-    from dpldm.models.pipeline import load_pipeline
     cfg = load_config(args.config, args.overrides)
     if not cfg.model.pretrained:
         raise DpldmError("model.pretrained: set it to the pipeline folder whose autoencoder encodes the data")

@@ -25,10 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dpldm.config import DataConfig
 from dpldm.data.images import TRANSFORMS
-# check_complete and count_samples are re-exported for train/pretrain.py and data/latent_cache.py (they stream
-# and count together); new code imports them from dpldm.data.shards
-from dpldm.data.shards import (BadSample, BadSampleWarning, check_complete, count_samples,  # noqa: F401
-                               decode_record, expand_shards, reader_records)
+from dpldm.data.shards import BadSample, BadSampleWarning, decode_record, expand_shards, reader_records
 from dpldm.errors import DpldmError
 
 

@@ -39,7 +39,8 @@ from dpldm.privacy.dp_step import add_noise_and_normalize, assert_dp_compatible,
 from dpldm.privacy.ledger import EXPLICIT_SEED_WARNING, Ledger
 from dpldm.privacy.run_seed import run_seed, seed_path
 from dpldm.rng import RunRandomness
-from dpldm.train.trainer import Trainer, log
+from dpldm.log import log
+from dpldm.train.trainer import Trainer
 from dpldm.run_dir import RunDir
 
 
@@ -286,7 +287,7 @@ def run_finetune(cfg: Config) -> Path:
         save_config(cfg, RunDir(run_dir).config)
     comps = load_pipeline(cfg.model.pretrained, device=str(device))
     cfg = images_as_the_autoencoder_takes_them(cfg, comps.vae, env)
-    cache = ensure_cache(cfg, comps.vae, env, log=lambda m: log(m, env))
+    cache = ensure_cache(cfg, comps.vae, env)
     n = len(cache)
     q, steps, sigma = plan(cfg, n)
     fresh = new_ledger(cfg, n, q, sigma)
@@ -306,15 +307,14 @@ def run_finetune(cfg: Config) -> Path:
     comps.unet.to(device)
     trainable = trainable_named_parameters(comps.unet)
     assert_dp_compatible(comps.unet)
-    log(parameter_table(comps.unet), env)
+    log(parameter_table(comps.unet))
     for w in dict.fromkeys(ledger.warnings):
-        log(f"!!! {w}", env)
+        log(f"!!! {w}")
     groups = f" groups={cfg.privacy.clip_groups}" if cfg.privacy.clip_groups else ""
     log(f"finetune: N={n} q={q:.5g} steps={steps} sigma={sigma:.4g} C={cfg.privacy.max_grad_norm}{groups} "
         f"K={cfg.privacy.noise_multiplicity} accountant={cfg.privacy.accountant} ({cfg.privacy.relation}) "
         f"target eps={cfg.privacy.target_epsilon} delta={cfg.privacy.delta} ranks={env.world_size} "
-        f"seed={'explicit' if cfg.seed is not None else 'secret'}{' secure_rng' if cfg.privacy.secure_rng else ''}",
-        env)
+        f"seed={'explicit' if cfg.seed is not None else 'secret'}{' secure_rng' if cfg.privacy.secure_rng else ''}")
     sampler = PoissonSampler(n, q, seed, secure=cfg.privacy.secure_rng)
     trainer = FinetuneTrainer(cfg, run_dir, comps, cache, trainable, steps, env, ledger, sampler, device, seed)
     check_ranks_agree("finetune start", {  # one example on two ranks, or two seeds, would break the sensitivity
@@ -326,7 +326,7 @@ def run_finetune(cfg: Config) -> Path:
              "source": trainer.cond.names_source}, indent=2))
     trainer.fit()
     if ledger.private:
-        log(f"finetune: done, ({ledger.epsilon:.4g}, {ledger.delta:g})-DP spent ({ledger.accountant})", env)
+        log(f"finetune: done, ({ledger.epsilon:.4g}, {ledger.delta:g})-DP spent ({ledger.accountant})")
     return run_dir
 
 
@@ -343,7 +343,7 @@ def images_as_the_autoencoder_takes_them(cfg: Config, vae, env) -> Config:
                          f"downsampling factor {factor} ({cfg.model.pretrained}/vae)")
     if cfg.model.channels != channels:
         log(f"finetune: {cfg.model.pretrained}/vae takes {channels}-channel images; reading the private images "
-            f"with {channels} channels (config said model.channels={cfg.model.channels})", env)
+            f"with {channels} channels (config said model.channels={cfg.model.channels})")
         cfg = apply_mapping(copy.deepcopy(cfg), {"model.channels": channels})
     return cfg
 

@@ -27,7 +27,8 @@ from dpldm.models import pipeline as P
 from dpldm.models.diffusion_loss import diffusion_loss
 from dpldm.models.ema import EMA
 from dpldm.rng import RunRandomness
-from dpldm.train.trainer import Trainer, log, public_seed
+from dpldm.log import log
+from dpldm.train.trainer import Trainer, public_seed
 from dpldm.run_dir import RunDir
 
 KL_WEIGHT = 1e-6          # on the per-example KL sum, relative to the per-example L1 sum (as SD's VAE)
@@ -119,7 +120,7 @@ def total_steps(cfg: Config) -> int:
     if cfg.train.steps > 0:
         return cfg.train.steps
     if cfg.train.epochs > 0:
-        from dpldm.data.stream import count_samples
+        from dpldm.data.shards import count_samples
         return max(1, math.ceil(count_samples(cfg.data.public) * cfg.train.epochs / cfg.data.batch_size))
     raise DpldmError("config: train.steps (or train.epochs) must be > 0")
 
@@ -163,7 +164,7 @@ class AutoencoderTrainer(Trainer):
         from dpldm.data.images import make_grid
         make_grid(to_images(x) + to_images(recon), columns=len(x)).save(grid_dir / f"step-{step:08d}.png")
         self.vae.train()
-        log(f"autoencoder: wrote {self.out_dir} (scaling_factor {scale:.4f})", self.env)
+        log(f"autoencoder: wrote {self.out_dir} (scaling_factor {scale:.4f})")
 
 
 def _vae_folder(spec: str) -> Path:
@@ -242,7 +243,7 @@ class UNetTrainer(Trainer):
         if ema_file.is_file():
             self.ema.load_state_dict(load_file(str(ema_file)))
         else:
-            log(f"{ema_file} missing: EMA restarts from the current weights", self.env)
+            log(f"{ema_file} missing: EMA restarts from the current weights")
             self.ema = EMA(self.unet, self.cfg.model.ema_decay)
 
     def ema_components(self) -> P.Components:
@@ -281,7 +282,7 @@ class UNetTrainer(Trainer):
         comps = self.ema_components()
         P.save_pipeline(comps, self.out_dir)
         self.write_grid(step, comps)
-        log(f"unet: wrote {self.out_dir} (EMA weights)", self.env)
+        log(f"unet: wrote {self.out_dir} (EMA weights)")
 
 
 def run_pretrain(cfg: Config, what: str) -> Trainer:
@@ -297,7 +298,7 @@ def run_pretrain(cfg: Config, what: str) -> Trainer:
     trainer = cls(cfg, run_dir, env, device)
     torch.manual_seed(rng.int_seed("train", env.rank))     # different noise/dropout draws per rank
     log(f"pretrain {what}: {sum(p.numel() for p in trainer.trainable.values()):,} trainable parameters, "
-        f"{trainer.total_steps} steps, run dir {run_dir}", env)
+        f"{trainer.total_steps} steps, run dir {run_dir}")
     trainer.fit()
     return trainer
 

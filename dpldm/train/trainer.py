@@ -23,17 +23,13 @@ from torch import nn
 from dpldm.config import Config
 from dpldm.distributed.engine import make_engine
 from dpldm.distributed.env import DistEnv, barrier
+from dpldm.log import log
 from dpldm.rng import RunRandomness
 from dpldm.run_dir import RunDir
 
 # Exit code after a checkpoint written on SIGUSR1/SIGTERM: "preempted, re-run the same command to resume".
 EXIT_PREEMPTED = 75
 KEEP_CHECKPOINTS = 2
-
-
-def log(msg: str, env: DistEnv | None = None) -> None:
-    if env is None or env.is_main:
-        print(msg, flush=True)
 
 
 def public_seed(cfg: Config) -> int:
@@ -164,7 +160,7 @@ class Trainer:
         latest = self.latest_checkpoint()
         if latest is not None:
             self.load_checkpoint(latest)
-            log(f"resumed from {latest} (step {self.step}/{self.total_steps})", self.env)
+            log(f"resumed from {latest} (step {self.step}/{self.total_steps})")
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
                 signal.signal(sig, self._on_signal)
@@ -188,14 +184,14 @@ class Trainer:
                 # a private fine-tune reports no loss (it is not DP) and counts expected, not drawn, samples
                 loss_txt = f" | loss {loss_sum / loss_n:.4f}" if loss_n else ""
                 log(f"step {self.step}/{self.total_steps} | {rate:.1f} samples/s{loss_txt}"
-                    f"{self.progress_fields()}{peak} | ETA {_fmt_time(eta)}", self.env)
+                    f"{self.progress_fields()}{peak} | ETA {_fmt_time(eta)}")
                 loss_sum, loss_n = 0.0, 0
             stop, due = self._agree(self._stop_signal is not None,
                                     self.step < self.total_steps and self._checkpoint_due())
             if stop:
                 self.save_checkpoint()
                 log(f"signal {self._stop_signal}: checkpoint written at step {self.step}; re-run the same "
-                    f"command to resume", self.env)
+                    f"command to resume")
                 sys.exit(EXIT_PREEMPTED)
             if due:
                 self.save_checkpoint()
