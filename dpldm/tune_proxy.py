@@ -36,7 +36,7 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "fashion pretraining": ({"plan.public": "fashion"}, None),
     "glyph pretraining": ({"plan.public": "glyphs"}, None),
     # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
-    "downstream 20 epochs": ({"plan.clf_epochs": 20}, None),
+    "downstream 4x steps": ({"plan.clf_epochs": 20}, None),
     "2.5x samples, 4 sampler steps": ({"plan.synthetic_n": 5000, "plan.sample_steps": 4}, None),
     "guidance 2": ({}, 2.0),
     "guidance 4": ({}, 4.0),
@@ -84,6 +84,12 @@ def split_overrides(plan: Plan, overrides: dict) -> tuple[Plan, dict]:
         raise DpldmError(f"tune-proxy candidate: unknown plan field {bad[0]!r}; expected plan.<one of {sorted(names)}>")
     return (replace(plan, **{k[5:]: v for k, v in overrides.items() if k.startswith("plan.")}),
             {k: v for k, v in overrides.items() if not k.startswith("plan.")})
+
+
+def proxy_epochs(plan: Plan, n: int) -> int:
+    """Downstream epochs on n proxy samples that give the quickstart's number of optimizer steps (its clf_epochs
+    over its synthetic_n): a classifier of 4x fewer samples trains 4x the epochs, not 4x fewer steps."""
+    return max(1, round(plan.clf_epochs * plan.synthetic_n / max(n, 1)))
 
 
 def eval_only(name: str) -> bool:
@@ -158,13 +164,15 @@ def main(args) -> int:
             cfg, sigma = proxy_cfg(out, pipelines[key(cand_plan)], data, plan if reuse else cand_plan, eps,
                                    "quickstart.yaml" if reuse else name, overrides)
             n = proxy_n(cand_plan)
-            tag = name.replace(" ", "").replace(",", "-").replace(".", "") if reuse and guidance is None else ""
+            resample = (cand_plan.synthetic_n, cand_plan.sample_steps) != (plan.synthetic_n, plan.sample_steps)
+            tag = name.replace(" ", "").replace(",", "-").replace(".", "") if resample and guidance is None else ""
             t0 = time.time()
             with Stage(f"proxy candidate '{name}' (sigma {sigma:.3f} of the eps={eps:g} private run)", timings):
                 shards = run_candidate(cfg, guidance, n, cand_plan.sample_steps if cand_plan.sample_steps != plan.sample_steps
                                        else None, tag)
             xs, ys = load_shards(str(shards), channels=1, resolution=28)
-            down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=cand_plan.clf_epochs, seeds=PROXY_SEEDS)
+            down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=proxy_epochs(cand_plan, len(xs)),
+                                      seeds=PROXY_SEEDS)
             rows.append({"candidate": name, "epsilon": eps, "sigma": sigma, "agreement": accuracy(scorer, xs, ys),
                          "downstream": down["mean"], "n": len(xs), "seconds": round(time.time() - t0, 1),
                          "overrides": CANDIDATES[name][0], "guidance": guidance})

@@ -44,7 +44,7 @@ def test_tune_proxy_fast_uses_public_data_and_the_private_runs_noise(tmp_path):
     for r in result["rows"]:
         assert 0.0 <= r["agreement"] <= 1.0 and r["n"] == FAST.synthetic_n
     # nothing private was packed: only the public pretraining set and the proxy
-    assert sorted(p.name for p in (out / "data").iterdir()) == ["digits-test", "digits-train", "fashion-mnist-train"]
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["digits-test", "digits-train", "glyphs-digits-train"]
 
 
 def test_plan_candidates_change_the_plan_and_config_candidates_the_config():
