@@ -49,7 +49,8 @@ def test_public_sets_pack_under_plain_names_and_unknown_sets_are_refused(tmp_pat
     from dpldm.errors import DpldmError
     from dpldm.quickstart import FAST, PUBLIC_SETS, pack_sets, public_set
     plan = replace(FAST, public_n=20, public="glyphs")
-    assert public_set(plan) == PUBLIC_SETS["glyphs"] and public_set(FAST)[1] == "pretrain_fashion.yaml"
+    assert public_set(plan) == PUBLIC_SETS["glyphs"] and FAST.public == "glyphs"
+    assert public_set(replace(FAST, public="fashion"))[1] == "pretrain_fashion.yaml"
     data = pack_sets(tmp_path, plan, ("glyphs",))
     assert data["glyphs"] == tmp_path / "data" / "glyphs-digits-train"     # no ':' in the folder name
     assert json.loads((data["glyphs"] / "dataset.json").read_text())["count"] == 20
