@@ -69,6 +69,11 @@ class Plan:
 FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pretrain_batch=64, ft_steps=80,
             expected_batch=512, multiplicity=1, synthetic_n=2000, baseline_n=500, sample_steps=8, clf_epochs=5,
             clf_seeds=2, dpsgd_epochs=3)  # 3 epochs over 60k = 180 Poisson batches of 1000 (~18 epochs of a 10k subset)
+# `long`: the same pipeline with ~5x the pretraining, DP steps and samples (~75 minutes on 2 idle cores, estimated):
+# the accuracy-vs-compute trend toward the papers (issue 12). Selected with `plan = PLANS["long"]`.
+LONG = Plan(public_n=0, private_n=0, test_n=0, ae_steps=600, unet_steps=4000, pretrain_batch=64, ft_steps=400,
+            expected_batch=512, multiplicity=1, synthetic_n=10000, baseline_n=1000, sample_steps=8, clf_epochs=5,
+            clf_seeds=2, dpsgd_epochs=3)
 FAST = Plan(public_n=1000, private_n=1000, test_n=500, ae_steps=10, unet_steps=10, pretrain_batch=16, ft_steps=2,
             expected_batch=64, multiplicity=2, synthetic_n=100, baseline_n=100, sample_steps=4, clf_epochs=1,
             clf_seeds=1, dpsgd_epochs=1)
@@ -80,6 +85,9 @@ PUBLIC_SETS = {"fashion": ("fashion", "pretrain_fashion.yaml", "public"),
 PUBLIC_TITLES = {"fashion": "Fashion-MNIST", "glyphs": "public font-rendered digits (glyphs:digits)"}
 GLYPHS_N = 30000   # glyphs:digits rendered for pretraining (full plan): ~40 s on 2 idle cores
 PUBLIC_CLF_N = 10000   # public glyphs the zero-cost "CNN on the public data" row trains on (2 epochs, ~10 s)
+
+
+PLANS = {"full": FULL, "long": LONG, "fast": FAST}
 
 
 class Stage:
@@ -217,7 +225,7 @@ def main(args) -> int:
     from dpldm.eval.report import read_ledger, row_from_ledger, write_report, zero_cost_row
     from dpldm.eval.shards import load_shards
 
-    plan = FAST if args.fast else FULL
+    plan = FAST if args.fast else PLANS[getattr(args, "plan", None) or "full"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
