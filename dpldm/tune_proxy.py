@@ -35,6 +35,8 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "quickstart.yaml": ({}, None),
     "fashion pretraining": ({"plan.public": "fashion"}, None),
     "glyph pretraining": ({"plan.public": "glyphs"}, None),
+    # the same DP compute (steps x expected batch), split differently; sigma recalibrated for the new q and steps
+    "batch 1024 x 40 steps": ({"plan.expected_batch": 1024, "plan.ft_steps": 40}, None),
     # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
     "downstream 4x steps": ({"plan.clf_epochs": 20}, None),
     "2.5x samples, 4 sampler steps": ({"plan.synthetic_n": 5000, "plan.sample_steps": 4}, None),
