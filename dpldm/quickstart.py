@@ -252,7 +252,9 @@ def main(args) -> int:
         x_priv, y_priv = load_shards(str(data["private"]), channels=1, resolution=28)
         for run in runs + [base_run]:
             xs, ys = load_shards(str(run / "samples" / "shards"), channels=1, resolution=28)
-            res = evaluate_synthetic(xs, ys, x_test, y_test, arch="cnn", epochs=plan.clf_epochs, seeds=plan.clf_seeds)
+            # the same number of optimizer steps for every synthetic set (the baseline's smaller set: more epochs)
+            epochs = max(1, round(plan.clf_epochs * plan.synthetic_n / len(xs)))
+            res = evaluate_synthetic(xs, ys, x_test, y_test, arch="cnn", epochs=epochs, seeds=plan.clf_seeds)
             name = "dpldm DP-LoDA" if run in runs else "pretrained only (no fine-tuning)"
             rows.append(row_from_ledger(name, read_ledger(run), res, run=str(run),
                                         notes=f"{len(xs)} synthetic images"))
