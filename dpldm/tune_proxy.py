@@ -48,6 +48,7 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "no clip groups": ({"privacy.clip_groups": []}, None),
     "lr 1e-2": ({"optim.lr": 1e-2}, None),
     "lr 1e-1": ({"optim.lr": 1e-1}, None),
+    "lr warm-up 10 steps": ({"optim.warmup_steps": 10}, None),
     "all levels": ({"adapter.levels": ["down", "mid", "up"]}, None),
     "digit prompts": ({"model.class_names": [str(i) for i in range(10)],
                        "model.prompt_template": "a handwritten digit {name}"}, None),
