@@ -219,7 +219,10 @@ def run_child(what: list[str], args) -> dict:
 
 
 def _cell(value, base, unit: str, scale: float) -> str:
-    return "n/a" if value is None else f"{value * scale:.0f} {unit} ({value / max(base, 1e-12):.2f}×)"
+    if value is None:
+        return "n/a"
+    v = value * scale
+    return (f"{v:.1f}" if v < 100 else f"{v:.0f}") + f" {unit} ({value / max(base, 1e-12):.2f}×)"
 
 
 def table(results: dict, args) -> str:
