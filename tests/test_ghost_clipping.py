@@ -273,6 +273,15 @@ def test_rows_per_example_tells_a_table_from_the_examples_rows():
     assert_same(got, ref)
 
 
+def test_an_empty_slice_gives_zeros():
+    """A rank whose slice of the Poisson batch is empty still returns a zero sum keyed like params."""
+    unet, params, cond_dim = adapted("quickstart", "lora")
+    batch_loss, _ = loss_fns(unet)
+    got, stats = ghost_clipped_grad_sum(unet, params, batch_loss, draws(0, 2, cond_dim), 1.0, 4)
+    assert set(got) == set(params) and all(not v.any() for v in got.values())
+    assert stats == {"n": 0, "loss_sum": 0.0, "grad_norm_sum": 0.0, "clipped": 0}
+
+
 def test_choose_engine_and_errors():
     unet, params, _ = adapted("quickstart", "lora")
     batch_loss, _ = loss_fns(unet)
