@@ -109,6 +109,10 @@ class PrivacyConfig:
     # draw the DP noise and the Poisson sampling from a SHAKE-256 keystream (a CSPRNG keyed by the secret
     # run seed) instead of PCG64/Philox: for a release; costs ~0.2 s per million noised parameters on a CPU
     secure_rng: bool = False
+    # per-example clipping engine: ghost (per-layer norms from activations and output gradients, then the
+    # clipped sum by book-keeping: no per-example gradients of the model; dpldm/privacy/ghost_clipping.py),
+    # vmap (torch.func per-example gradients), auto (ghost whenever it handles a trainable layer); same result
+    clipping: Literal["auto", "ghost", "vmap"] = "auto"
 
 
 @dataclass

@@ -235,3 +235,19 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.1) and all(x >= y for x, y in zip(lrs[4:], lrs[5:]))
     assert lr_at(OptimConfig(lr=0.3), 7, 20) == 0.3                       # flat by default
+
+
+def test_ghost_and_vmap_clipping_engines_train_the_same_adapter(tmp_path, assets, capsys):
+    """privacy.clipping: the book-keeping engine and torch.func give one clipped sum, so one update (σ = 0,
+    clipping active, K = 2, clip groups); the run log names the engine."""
+    pipe, shards = assets
+    common = {"train.steps": 2, "privacy.noise_multiplier": 0.0, "privacy.max_grad_norm": 0.01,
+              "privacy.clip_groups": ["attn2"], "optim.name": "sgd", "optim.lr": 0.5}
+    runs = {e: ft.run_finetune(finetune_config(tmp_path, pipe, shards, e, **{**common, "privacy.clipping": e}))
+            for e in ("ghost", "vmap")}
+    out = capsys.readouterr().out
+    assert "clipping engine: ghost" in out and "clipping engine: vmap" in out
+    a, b = adapter_weights(runs["ghost"]), adapter_weights(runs["vmap"])
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "loda_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -32,16 +32,17 @@ from dpldm.data.poisson import PoissonSampler, split_for_rank
 from dpldm.distributed.agreement import cache_fingerprint, check_ranks_agree, check_same_value
 from dpldm.distributed.env import all_reduce_sum_, init_distributed
 from dpldm.errors import DpldmError
+from dpldm.log import log
 from dpldm.models.diffusion_loss import diffusion_loss, example_draws
 from dpldm.models.ema import EMA
 from dpldm.privacy import accountant as acc
 from dpldm.privacy.dp_step import add_noise_and_normalize, assert_dp_compatible, clipped_grad_sum, noise_generator
+from dpldm.privacy.ghost_clipping import choose_engine, ghost_clipped_grad_sum
 from dpldm.privacy.ledger import EXPLICIT_SEED_WARNING, Ledger
 from dpldm.privacy.run_seed import run_seed, seed_path
 from dpldm.rng import RunRandomness
-from dpldm.log import log
-from dpldm.train.trainer import Trainer
 from dpldm.run_dir import RunDir
+from dpldm.train.trainer import Trainer
 
 
 def example_flips(seed: int, step: int, indices) -> np.ndarray:
@@ -111,15 +112,32 @@ class FinetuneTrainer(Trainer):
         self.sigma = ledger.noise_multiplier
         self.clip_groups = clip_groups(cfg.privacy.clip_groups, list(trainable)) if self.private else None
         self.ema = EMA(self.engine.params(), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.clipping, engine_line = choose_engine(cfg.privacy.clipping, self.module, self.engine.params())
+        if self.private:
+            log(engine_line)
         self._eps_cache: tuple[int, float] | None = None
 
-    def _loss_fn(self, params, x0, cond, t, noise):
+    def _batch_loss_fn(self, params, x0, cond, t, noise):
+        """Per-example losses [b] of a micro-batch, the module run with `params` swapped in (b·K rows inside)."""
         unet = self.module
 
         def call(x_t, tt, c):
             return functional_call(unet, params, (x_t, tt), {"encoder_hidden_states": c, "return_dict": False})[0]
-        return diffusion_loss(call, self.alphas, x0[None], cond[None], t[None], noise[None],
-                              self.cfg.model.prediction_type)[0]
+        return diffusion_loss(call, self.alphas, x0, cond, t, noise, self.cfg.model.prediction_type)
+
+    def _loss_fn(self, params, x0, cond, t, noise):
+        """The loss of ONE example (no batch dimension), for torch.func's vmap(grad)."""
+        return self._batch_loss_fn(params, x0[None], cond[None], t[None], noise[None])[0]
+
+    def _clipped_grad_sum(self, tensors) -> dict:
+        """The clipped per-example gradient sum of this rank's examples, by the chosen engine (same result)."""
+        mb, params = self.cfg.train.microbatch_size, self.engine.params()
+        if self.clipping == "ghost":
+            grad_sum, _ = ghost_clipped_grad_sum(self.module, params, self._batch_loss_fn, tensors, self.clip, mb,
+                                                 self.clip_groups, rows_per_example=self.cfg.privacy.noise_multiplicity)
+        else:
+            grad_sum, _ = clipped_grad_sum(self._loss_fn, params, tensors, self.clip, mb, self.clip_groups)
+        return grad_sum
 
     def _plain_grad_sum(self, batch) -> tuple[dict, dict]:
         """Non-private: summed (unclipped) gradients by ordinary backprop, in micro-batches."""
@@ -161,8 +179,7 @@ class FinetuneTrainer(Trainer):
             return {"loss": loss_global / n_global if n_global else float("nan"), "samples": n_global}
         # private: the clipped sum's statistics (loss, norms, clipped count) and the drawn batch size are
         # private and are dropped here; only the noised gradient leaves this method (privacy invariant 8)
-        grad_sum, _ = clipped_grad_sum(self._loss_fn, self.engine.params(), tensors, self.clip,
-                                       cfg.train.microbatch_size, self.clip_groups)
+        grad_sum = self._clipped_grad_sum(tensors)
         all_reduce_sum_(grad_sum)
         noise = noise_generator(self.seed, step, device=self.device, secure=cfg.privacy.secure_rng)
         grads = add_noise_and_normalize(grad_sum, self.sigma, self.clip, expected, noise)
