@@ -31,7 +31,8 @@ def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
 def write_section(title: str, body: str) -> None:
     """Replace (or append) the `## title` section of docs/benchmarks.md, stamped with date and machine."""
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nFigures printed by `make bench` (benchmarks/run_all.py).\n"
+    header = "# Benchmarks\n\nFigures printed by `make bench` (benchmarks/run_all.py).\n"
+    text = DOC.read_text() if DOC.exists() else header
     stamp = f"_measured {time.strftime('%Y-%m-%d')} on {machine()}_\n\n"
     section = f"## {title}\n\n{stamp}{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)

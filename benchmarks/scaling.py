@@ -161,7 +161,8 @@ def main() -> None:
             "and the module sync + gradient reduce-scatter (ZeRO 3). Timings on a shared 2-core machine are "
             "noisy (±20%). Measured, DeepSpeed 0.19 ZeRO 2 reduced the gradient with an all-reduce on gloo, not a "
             "reduce-scatter. With adapter-sized trainable sets the DP all-reduce dominates and plain torch moves "
-            "the fewest bytes; ZeRO saves memory (optimizer state, gradients, parameters) for full fine-tuning.\n\n" + "\n".join(rows) + "\n")
+            "the fewest bytes; ZeRO saves memory (optimizer state, gradients, parameters) for full fine-tuning.\n\n"
+            + "\n".join(rows) + "\n")
     print(body)
     write_section("Scaling", body)
 

@@ -3,7 +3,8 @@
     cfg = load_config("configs/quickstart.yaml", ["privacy.target_epsilon=1", "output.dir=runs/x"])
 
 Every field has a type and is documented by the comment beside (or directly above) its declaration;
-`dpldm config show PRESET [overrides]` prints the resolved config with that help. Unknown keys, wrong types and values outside a field's choices raise
+`dpldm config show PRESET [overrides]` prints the resolved config with that help. Unknown keys, wrong types
+and values outside a field's choices raise
 ConfigError with a one-line message naming the key and what was expected. The resolved config is
 written as `config.yaml` into every run directory (`save_config`).
 """

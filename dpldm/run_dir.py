@@ -12,7 +12,7 @@ A fine-tune's directory (pretraining writes the same `config.yaml` / `checkpoint
 | `adapter/` | the DP-trained adapter weights + adapter_config.json | yes |
 | `samples/` | synthetic images, grid, shards, samples.json | yes |
 | `report/` | report.md / report.json / figures | yes |
-| `classes.json` | class names + prompt template the run trained with, and their `source` | only if source is config or pipeline |
+| `classes.json` | class names + prompt template of the run, and their `source` | if source is config/pipeline |
 | `checkpoints/` | trainable weights, optimizer and sampler state, EMA: resume state | never |
 | `private/` | the secret run seed (dpldm/privacy/run_seed.py) | never |
 | `latent_cache/` | the encoded private images (when data.cache_dir is unset) | never |

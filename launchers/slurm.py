@@ -40,7 +40,8 @@ set -u
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${{MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}}
 export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}}
-echo "dpldm: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
+echo "dpldm: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST," \
+     "master $MASTER_ADDR:$MASTER_PORT"
 
 srun --kill-on-bad-exit=0 {command} &
 SRUN_PID=$!

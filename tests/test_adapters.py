@@ -197,7 +197,8 @@ def tiny_sd_pipeline(unet):
     text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
                                         num_attention_heads=4, vocab_size=100, max_position_embeddings=16))
     return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet,
-                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None,
+                                   feature_extractor=None,
                                    requires_safety_checker=False)
 
 
@@ -326,7 +327,8 @@ def test_cuda_adapter_on_device_and_per_example_grads(kind):
     params = {k: v.detach() for k, v in trainable_named_parameters(unet).items()}
 
     def loss(p, xi, ti, ci):
-        return functional_call(unet, p, (xi[None], ti[None]), {"encoder_hidden_states": ci[None]}).sample.square().mean()
+        out = functional_call(unet, p, (xi[None], ti[None]), {"encoder_hidden_states": ci[None]})
+        return out.sample.square().mean()
 
     per_example = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x, t, c)
     for i in range(2):

@@ -133,6 +133,7 @@ def test_audit_of_a_dp_run_stays_below_the_claimed_epsilon(tmp_path, scaled_pipe
     res = run_audit(cfg, canaries=32, guesses=16, out_dir=str(tmp_path / "dp"), log=lambda m: None)
     assert res["private"] is True and 0 < res["claimed_epsilon"] <= 4.0 * 1.001
     assert res["epsilon_lower_bound"] < res["claimed_epsilon"] and not res["exceeds_claim"]
-    print("dp audit:", res["correct"], "/", res["guesses"], "eps >=", res["epsilon_lower_bound"], "claimed", res["claimed_epsilon"])
+    print("dp audit:", res["correct"], "/", res["guesses"], "eps >=", res["epsilon_lower_bound"],
+          "claimed", res["claimed_epsilon"])
     saved = json.loads((tmp_path / "dp" / "audit.json").read_text())
     assert saved["guesses"] == 16 and len(saved["scores"]) == 32 and sum(saved["members"]) > 0

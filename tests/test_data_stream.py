@@ -73,7 +73,8 @@ def test_shuffle_depends_on_seed_and_epoch_only(shards):
     cfg = DataConfig(shuffle_buffer=10)
 
     def order(epoch, seed=0):
-        return [k for b in stream_loader(str(shards), cfg, 8, 1, batch_size=5, epoch=epoch, seed=seed) for k in b["key"]]
+        batches = stream_loader(str(shards), cfg, 8, 1, batch_size=5, epoch=epoch, seed=seed)
+        return [k for b in batches for k in b["key"]]
 
     a, b, c = order(0), order(0), order(1)
     assert a == b and a != c and sorted(a) == sorted(c) == all_keys()
@@ -115,7 +116,8 @@ def test_channels_and_transforms(tmp_path):
     lum = np.asarray(Image.fromarray(rgb).convert("L").resize((16, 16), Image.Resampling.BICUBIC))
     assert np.allclose(gray[0], lum / 127.5 - 1, atol=1e-6)
     g3 = first("resize", 3, key="gray")
-    assert torch.equal(torch.from_numpy(g3[0]), torch.from_numpy(g3[2])) and np.allclose(g3[0], _gray(0, 16) / 127.5 - 1, atol=1e-6)
+    assert torch.equal(torch.from_numpy(g3[0]), torch.from_numpy(g3[2]))
+    assert np.allclose(g3[0], _gray(0, 16) / 127.5 - 1, atol=1e-6)
     with pytest.raises(DpldmError, match="4 channels"):
         first("resize", 4)
     with pytest.raises(DpldmError, match="channels"):
@@ -180,7 +182,8 @@ def test_private_missing_label_raises_and_public_on_error_raise(bad_shards):
         list(iterate_samples(str(bad_shards / "nolabel.tar"), private=True, require_label=True))
     assert [s["label"] for s in iterate_samples(str(bad_shards / "nolabel.tar"), private=True)] == [1, -1]
     with pytest.raises(DpldmError, match=r"good.tar, key garbage: .*on_error=raise"):
-        list(stream_loader(str(bad_shards / "good.tar"), DataConfig(on_error="raise"), 8, 1, batch_size=2, shuffle=False))
+        list(stream_loader(str(bad_shards / "good.tar"), DataConfig(on_error="raise"), 8, 1, batch_size=2,
+                           shuffle=False))
 
 
 def test_private_error_crosses_dataloader_workers_as_one_line(bad_shards):

@@ -193,7 +193,6 @@ def test_exported_loda_pipeline_loads_and_samples_without_dpldm(tmp_path, base):
     with -I (no PYTHONPATH, no user site, no current directory on sys.path) from a directory outside the repo."""
     import site
     import subprocess
-    import sys
     import venv
 
     run, adapted = adapted_run(tmp_path, base, "loda", "leaky_relu")

@@ -147,7 +147,7 @@ def test_plain_and_per_example_paths_agree_without_clipping(tmp_path, assets):
 
 
 def test_latent_cache_reused_and_rebuilt_when_stale(tmp_path, assets):
-    from dpldm.data.latent_cache import LatentCache, ensure_cache
+    from dpldm.data.latent_cache import ensure_cache
     from dpldm.models.pipeline import load_pipeline
     pipe, shards = assets
     cfg = finetune_config(tmp_path, pipe, shards)

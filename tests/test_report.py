@@ -105,7 +105,8 @@ def test_dpldm_evaluate_cli_writes_the_report(tmp_path, capsys):
         write_shards(xt[:300], yt[:300], tmp_path / "test")
         write_shards(x[1000:1400], y[1000:1400], tmp_path / "private")
         rc = main(["evaluate", str(runs[0]), str(runs[1]), "--real-test", str(tmp_path / "test"),
-                   "--no-fid", "--epochs", "10", "--seeds", "2", "--baselines", "--real-train", str(tmp_path / "private")])
+                   "--no-fid", "--epochs", "10", "--seeds", "2", "--baselines",
+                   "--real-train", str(tmp_path / "private")])
     finally:
         torch.set_num_threads(n)
     assert rc == 0

@@ -3,7 +3,6 @@ a 2-node DP fine-tune submitted through launchers/slurm.py, and cancel + resubmi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

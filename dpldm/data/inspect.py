@@ -91,7 +91,10 @@ def inspect_shards(pattern: str, grid_path: str = "", grid_count: int = 64) -> d
         if len(grid_images) < grid_count:
             grid_images.append(img)
     if grid_path == "" and not private:
-        base = pattern if os.path.isdir(pattern) else os.path.dirname(shards[0]) if not shards[0].startswith("pipe:") else "."
+        if os.path.isdir(pattern):
+            base = pattern
+        else:
+            base = os.path.dirname(shards[0]) if not shards[0].startswith("pipe:") else "."
         grid_path = os.path.join(base, "inspect_grid.png")
     if grid_images and grid_path:
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)

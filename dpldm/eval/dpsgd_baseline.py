@@ -8,7 +8,8 @@ BatchNorm, large Poisson batches, a small clip norm, few epochs, momentum SGD wi
 rate. The defaults were tuned on PUBLIC data only (see docs/evaluation.md: MNIST train[40k:50k] for
 training, the MNIST validation split for scoring), never on the private set or the test set.
 
-Randomness (privacy invariant 7, docs/privacy.md): by default (`seed=None`) the initialisation, the Poisson sampling and the
+Randomness (privacy invariant 7, docs/privacy.md): by default (`seed=None`) the initialisation, the Poisson sampling
+and the
 noise come from streams of a fresh 128-bit secret seed (`dpldm.rng.secret_seed`) that is returned nowhere.
 The Poisson draws and the noise use numpy PCG64 generators (128-bit state) derived from it — not opacus'
 own, which draw from a torch CPU generator that keeps only 32 bits of its seed (seeds s and s + 2³² give the
@@ -69,7 +70,8 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
     if target_epsilon <= 0:
         raise DpldmError(f"dpsgd baseline: target_epsilon must be > 0; got {target_epsilon}")
     if not 0 < expected_batch_size <= n:
-        raise DpldmError(f"dpsgd baseline: expected_batch_size must be in 1..{n} (dataset size); got {expected_batch_size}")
+        raise DpldmError(f"dpsgd baseline: expected_batch_size must be in 1..{n} (dataset size); "
+                         f"got {expected_batch_size}")
     num_classes = num_classes or int(labels.max()) + 1
     explicit = seed is not None
     rng = RunRandomness(int(seed) if explicit else secret_seed())

@@ -98,9 +98,10 @@ def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epo
     budgets = sorted({(r["epsilon"], r["delta"]) for r in rows if r.get("private") and r.get("delta")})
     for eps, delta in budgets:
         accs, ledgers = [], []
+        batch = min(DEFAULTS["expected_batch_size"], len(x_tr) // 2)
         for seed in range(seeds):
             model, ledger = train_dpsgd_classifier(x_tr, y_tr, target_epsilon=eps, delta=delta,  # secret seed
-                                                   expected_batch_size=min(DEFAULTS["expected_batch_size"], len(x_tr) // 2),
+                                                   expected_batch_size=batch,
                                                    num_classes=int(max(y_tr.max(), y_test.max())) + 1, verbose=True)
             accs.append(accuracy(model, x_test, y_test))
             ledgers.append(ledger)

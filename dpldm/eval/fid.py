@@ -53,7 +53,8 @@ def load_inception(path: str = "") -> torch.jit.ScriptModule:
         try:
             return torch.jit.load(path, map_location="cpu").eval()
         except Exception as e:  # noqa: BLE001
-            raise DpldmError(f"fid: {path} is not a loadable TorchScript Inception ({str(e).splitlines()[0]})") from None
+            first = str(e).splitlines()[0]
+            raise DpldmError(f"fid: {path} is not a loadable TorchScript Inception ({first})") from None
 
 
 def file_hash(path: str, chunk: int = 1 << 20) -> str:

@@ -212,7 +212,8 @@ def _markdown(rep: dict) -> str:
         elif info["explicit_seed"]:
             lines += [f"> **⚠ EXPLICIT SEED: run `{info['run']}` drew its noise from an explicit seed: whoever has "
                       "the seed can remove the noise. Not a release.**", ""]
-    lines += ["## Results", "", "| method | ε | δ | accountant | sampling | accuracy (%) mean ± std | FID (n) | notes |",
+    lines += ["## Results", "",
+              "| method | ε | δ | accountant | sampling | accuracy (%) mean ± std | FID (n) | notes |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rep["rows"] + rep["paper_rows"]:
         fid = f"{r['fid']:.1f} ({r.get('fid_n', '?')})" if r.get("fid") is not None else "–"

@@ -150,7 +150,8 @@ def open_clip_text_to_transformers(model, max_length: int):
         p = f"encoder.layers.{i}."
         for name, w, bias in zip(("q", "k", "v"), b.attn.in_proj_weight.chunk(3), b.attn.in_proj_bias.chunk(3)):
             sd[p + f"self_attn.{name}_proj.weight"], sd[p + f"self_attn.{name}_proj.bias"] = w, bias
-        sd[p + "self_attn.out_proj.weight"], sd[p + "self_attn.out_proj.bias"] = b.attn.out_proj.weight, b.attn.out_proj.bias
+        sd[p + "self_attn.out_proj.weight"] = b.attn.out_proj.weight
+        sd[p + "self_attn.out_proj.bias"] = b.attn.out_proj.bias
         sd[p + "layer_norm1.weight"], sd[p + "layer_norm1.bias"] = b.ln_1.weight, b.ln_1.bias
         sd[p + "layer_norm2.weight"], sd[p + "layer_norm2.bias"] = b.ln_2.weight, b.ln_2.bias
         sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = b.mlp.c_fc.weight, b.mlp.c_fc.bias

@@ -253,7 +253,8 @@ def run_audit(cfg, canaries: int = 64, guesses: int = 0, beta: float = 0.05, out
     result["canary_seed"] = seed
     out.mkdir(parents=True, exist_ok=True)
     claimed = result["claimed_epsilon"]
-    finite = (lambda x: x if math.isfinite(x) else "inf")
+    def finite(x):
+        return x if math.isfinite(x) else "inf"
     (out / "audit.json").write_text(json.dumps(  # standard JSON: no Infinity
         {**result, "claimed_epsilon": finite(claimed), "power": {**result["power"], "claimed": finite(claimed)}},
         indent=2, default=str))

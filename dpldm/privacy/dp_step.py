@@ -81,7 +81,8 @@ def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor
     Non-finite examples: an example whose loss or gradient norm (of any clip group) is NaN/Inf (a
     float32 norm that overflows counts as Inf) contributes zero — factor 0, so its contribution is
     still bounded by C and the sum stays finite — and is left out of loss_sum and grad_norm_sum. How
-    many were dropped is NOT counted anywhere: it is a statistic of the private batch (privacy invariant 8, docs/privacy.md).
+    many were dropped is NOT counted anywhere: it is a statistic of the private batch (privacy invariant 8,
+    docs/privacy.md).
     """
     if isinstance(microbatch_size, bool) or int(microbatch_size) != microbatch_size or microbatch_size < 1:
         raise DpldmError(f"dp step: microbatch_size must be an integer >= 1; got {microbatch_size!r}")

@@ -106,13 +106,13 @@ class PublicBatches:
 def condition_prompts(labels: list[int], texts: list[str], class_names: list[str], template: str,
                       keys: list[str] | None = None) -> list[str]:
     """The prompt of each example: its class prompt when labelled, else its caption, else ""."""
-    if any(l >= 0 for l in labels):
-        if any(l < 0 for l in labels):
+    if any(k >= 0 for k in labels):
+        if any(k < 0 for k in labels):
             key = keys[labels.index(-1)] if keys else "?"
             raise DpldmError(f"data.public: a batch mixes labelled and unlabelled samples (key {key})")
         if max(labels) >= len(class_names):
             raise DpldmError(f"data.public: label {max(labels)} but model.class_names has {len(class_names)} names")
-        return [template.format(name=class_names[l], id=l) for l in labels]
+        return [template.format(name=class_names[k], id=k) for k in labels]
     return list(texts) if any(texts) else [""] * len(labels)
 
 
