@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="pack images into webdataset shards; inspect shards")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     pack = data_verbs.add_parser("pack", help="write webdataset shards (img2dataset layout)")
-    pack.add_argument("source", help="mnist | fashion-mnist | folder:PATH | captions:FILE.jsonl")
+    pack.add_argument("source", help="mnist | fashion-mnist | digits | glyphs:digits | glyphs:letters | folder:PATH | "
+                      "captions:FILE.jsonl")
     pack.add_argument("--out", required=True, help="output directory for shard-NNNNNN.tar")
     pack.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     pack.add_argument("--split", choices=["train", "test"], default="train")
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs = verbs.add_parser("quickstart", help="the embedded end-to-end demo (offline, CPU)")
     qs.add_argument("--out", default="runs/quickstart")
     qs.add_argument("--fast", action="store_true", help="~3-minute smoke version")
+    qs.add_argument("--plan", choices=["full", "long"], default="full",
+                    help="full: ~20 minutes on 2 CPU cores; long: ~5x pretraining, DP steps and samples (the trend)")
     qs.set_defaults(handler="dpldm.quickstart:main")
 
     tp = verbs.add_parser("tune-proxy", help="choose the quickstart's fine-tune settings on a public proxy set")

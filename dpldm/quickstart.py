@@ -117,7 +117,7 @@ def pack_sets(out: Path, plan: Plan, names=("fashion", "private", "test")) -> di
     for name in names:
         source, split, limit = jobs[name]
         paths[name] = out / "data" / f"{source.replace(':', '-')}-{split}"
-        pack(source, paths[name], split=split, limit=limit, shard_size=10000)
+        pack(source, paths[name], split=split, limit=limit, shard_size=10000, private=name == "private")
     return paths
 
 
