@@ -8,6 +8,7 @@ demo: setup
 	.venv/bin/dpldm quickstart --out runs/quickstart
 
 test: setup
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q -x tests
 
 bench: setup

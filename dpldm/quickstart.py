@@ -214,7 +214,8 @@ def discussion(rows: list[dict]) -> str:
         "U-Net on 2 CPU cores (the papers: tens of epochs on GPUs), pretrained for minutes on public stand-ins "
         "(font-rendered digits; the papers: EMNIST/SVHN), a generator whose own samples still train a weaker "
         "classifier than its public training data, little noise multiplicity and fewer synthetic images than "
-        "private ones (the papers: K up to 32 and 60k samples). configs/mnist.yaml is the same pipeline at paper scale. "
+        "private ones (the papers: K up to 32 and 60k samples). configs/mnist.yaml is the same pipeline at paper "
+        "scale. "
         "docs/results.md has the measurements behind these settings.")
     return "\n".join(lines)
 
@@ -264,14 +265,16 @@ def main(args) -> int:
             pub = evaluate_synthetic(x_pub[:n_pub], y_pub[:n_pub], x_test, y_test, arch="cnn",
                                      epochs=min(2, plan.clf_epochs), seeds=1)
             rows.append(zero_cost_row("CNN on the public data (glyphs:digits), no private data", pub,
-                                      notes=f"{n_pub} public glyph images, 2 epochs: what the public data gives for free"))
+                                      notes=f"{n_pub} public glyph images, 2 epochs: what the public data gives "
+                                            "for free"))
         for eps in plan.epsilons:  # one seed: each DP-SGD run takes minutes on 2 cores
             model, ledger = train_dpsgd_classifier(x_priv, y_priv, eps, 1e-5, epochs=plan.dpsgd_epochs,
                                                    expected_batch_size=min(1000, len(x_priv) // 2))  # secret seed
             acc = accuracy(model, x_test, y_test)
             res = {"mean": acc, "std": 0.0, "runs": [acc], "n_train": len(x_priv), "n_test": len(x_test)}
             rows.append(row_from_ledger("DP-SGD CNN on private data (opacus)", ledger, res,
-                                        notes="strong baseline: tanh CNN (no BatchNorm), Poisson batches of 1000, C=0.1, tuned on public data"))
+                                        notes="strong baseline: tanh CNN (no BatchNorm), Poisson batches of 1000, "
+                                              "C=0.1, tuned on public data"))
         # 2 epochs, one seed: over the 60k real images that already reaches ~99%; more only costs minutes
         nodp = evaluate_synthetic(x_priv, y_priv, x_test, y_test, arch="cnn", epochs=min(2, plan.clf_epochs),
                                   seeds=1)

@@ -171,8 +171,8 @@ def main(args) -> int:
             tag = name.replace(" ", "").replace(",", "-").replace(".", "") if resample and guidance is None else ""
             t0 = time.time()
             with Stage(f"proxy candidate '{name}' (sigma {sigma:.3f} of the eps={eps:g} private run)", timings):
-                shards = run_candidate(cfg, guidance, n, cand_plan.sample_steps if cand_plan.sample_steps != plan.sample_steps
-                                       else None, tag)
+                steps = cand_plan.sample_steps if cand_plan.sample_steps != plan.sample_steps else None
+                shards = run_candidate(cfg, guidance, n, steps, tag)
             xs, ys = load_shards(str(shards), channels=1, resolution=28)
             down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=proxy_epochs(cand_plan, len(xs)),
                                       seeds=PROXY_SEEDS)

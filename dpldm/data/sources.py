@@ -116,7 +116,8 @@ def fashion_mnist_source(split: str, root: Path = FASHION_DIR) -> ArraySource:
     images = _read_idx(img_path, 0x803)
     labels = _read_idx(lbl_path, 0x801)
     if len(images) != len(labels):
-        raise DpldmError(f"source fashion-mnist: {img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
+        raise DpldmError(f"source fashion-mnist: {img_path} has {len(images)} images but {lbl_path} has "
+                         f"{len(labels)} labels")
     return ArraySource("fashion-mnist", split, images, labels.astype(np.int64), list(FASHION_CLASSES),
                        f"fashion-mnist {prefix}")
 
@@ -127,7 +128,8 @@ def digits_source(split: str) -> ArraySource:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise DpldmError("source digits needs scikit-learn: `make setup` installs it (pip install scikit-learn)") from None
+        raise DpldmError("source digits needs scikit-learn: `make setup` installs it "
+                         "(pip install scikit-learn)") from None
     d = load_digits()
     keep = (np.arange(len(d.target)) % 4 == 0) == (split == "test")
     small = np.clip(d.images[keep] * (255.0 / 16.0), 0, 255).astype(np.uint8)
@@ -166,7 +168,8 @@ class FolderSource:
                 if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
                     self.files.append((f, cid))
         if not self.files:
-            raise DpldmError(f"source folder:{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders")
+            raise DpldmError(f"source folder:{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the "
+                             "class folders")
         self.name, self.split, self.class_names, self.root = f"folder:{root}", split, classes, path
 
     def __len__(self) -> int:
@@ -241,4 +244,5 @@ def open_source(spec: str, split: str = "train"):
         return FolderSource(os.path.expanduser(spec[len("folder:"):]), split)
     if spec.startswith("captions:"):
         return CaptionsSource(os.path.expanduser(spec[len("captions:"):]), split)
-    raise DpldmError(f"unknown source {spec!r}; expected mnist, fashion-mnist, digits, glyphs:digits, glyphs:letters, folder:PATH or captions:FILE.jsonl")
+    raise DpldmError(f"unknown source {spec!r}; expected mnist, fashion-mnist, digits, glyphs:digits, glyphs:letters, "
+                     "folder:PATH or captions:FILE.jsonl")
