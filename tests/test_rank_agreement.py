@@ -2,16 +2,14 @@
 noise, stops the run on every rank with a one-line error; agreeing ranks pass."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tiny import finetune_config, make_mnist_shards, make_tiny_pipeline
+from tiny import finetune_config, make_mnist_shards, make_tiny_pipeline, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "agreement_worker.py"
@@ -32,16 +30,7 @@ def cache_dir(tmp_path_factory):
 
 
 def _torchrun(cache: Path, mode: str) -> subprocess.CompletedProcess:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(WORKER), "--cache", str(cache), "--mode", mode],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return torchrun([str(WORKER), "--cache", str(cache), "--mode", mode], timeout=300)
 
 
 def test_agreeing_ranks_pass(cache_dir):

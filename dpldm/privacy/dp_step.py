@@ -67,6 +67,20 @@ def _zero_rows(g: Tensor, keep: Tensor) -> Tensor:
     return torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
+def check_clip_args(max_grad_norm, microbatch_size, batch: tuple[Tensor, ...], who: str) -> int:
+    """The batch size, after one-line DpldmErrors (prefixed `who`) for arguments no clipping engine can take."""
+    if isinstance(microbatch_size, bool) or int(microbatch_size) != microbatch_size or microbatch_size < 1:
+        raise DpldmError(f"{who}: microbatch_size must be an integer >= 1; got {microbatch_size!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise DpldmError(f"{who}: max_grad_norm must be > 0 (or None for no clipping); got {max_grad_norm!r}")
+    if not batch or not all(isinstance(t, Tensor) for t in batch):
+        raise DpldmError(f"{who}: batch must be a non-empty tuple of tensors indexed along dim 0")
+    n = batch[0].shape[0]
+    if any(t.shape[0] != n for t in batch):
+        raise DpldmError(f"{who}: batch tensors disagree on the batch size: {[t.shape[0] for t in batch]}")
+    return int(n)
+
+
 def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor],
                      batch: tuple[Tensor, ...], max_grad_norm: float | None,
                      microbatch_size: int,
@@ -84,16 +98,7 @@ def clipped_grad_sum(loss_fn: Callable[..., Tensor], params: Mapping[str, Tensor
     many were dropped is NOT counted anywhere: it is a statistic of the private batch (privacy invariant 8,
     docs/privacy.md).
     """
-    if isinstance(microbatch_size, bool) or int(microbatch_size) != microbatch_size or microbatch_size < 1:
-        raise DpldmError(f"dp step: microbatch_size must be an integer >= 1; got {microbatch_size!r}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise DpldmError(f"dp step: max_grad_norm must be > 0 (or None for no clipping); got {max_grad_norm!r}")
-    if not batch or not all(isinstance(t, Tensor) for t in batch):
-        raise DpldmError("dp step: batch must be a non-empty tuple of tensors indexed along dim 0")
-    n = batch[0].shape[0]
-    if any(t.shape[0] != n for t in batch):
-        raise DpldmError(f"dp step: batch tensors disagree on the batch size: {[t.shape[0] for t in batch]}")
-
+    n = check_clip_args(max_grad_norm, microbatch_size, batch, "dp step")
     frozen = {k: v.detach() for k, v in params.items()}
     group_of = dict(zip(frozen, clip_group_index(list(frozen), clip_groups)))
     n_groups = max(group_of.values(), default=0) + 1

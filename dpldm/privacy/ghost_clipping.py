@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from dpldm.errors import DpldmError
-from dpldm.privacy.dp_step import clip_group_index
+from dpldm.privacy.dp_step import check_clip_args, clip_group_index
 from dpldm.privacy.per_layer_norms import Site, Tap, site_kind, why_unsupported
 
 CLIP_EPS = 1e-6          # as dp_step and opacus: factor = C / (norm + eps), capped at 1
@@ -120,20 +120,12 @@ def choose_engine(requested: str, module: nn.Module, params: Mapping[str, Tensor
 
 
 def _check_args(max_grad_norm, microbatch_size, batch, sum_mode: str, norm_form: str) -> int:
-    if isinstance(microbatch_size, bool) or int(microbatch_size) != microbatch_size or microbatch_size < 1:
-        raise DpldmError(f"ghost clipping: microbatch_size must be an integer >= 1; got {microbatch_size!r}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise DpldmError(f"ghost clipping: max_grad_norm must be > 0 (or None); got {max_grad_norm!r}")
-    if not batch or not all(isinstance(t, Tensor) for t in batch):
-        raise DpldmError("ghost clipping: batch must be a non-empty tuple of tensors indexed along dim 0")
-    n = batch[0].shape[0]
-    if any(t.shape[0] != n for t in batch):
-        raise DpldmError(f"ghost clipping: batch tensors disagree on the batch size: {[t.shape[0] for t in batch]}")
+    n = check_clip_args(max_grad_norm, microbatch_size, batch, "ghost clipping")
     if sum_mode not in ("bookkeeping", "reweight"):
         raise DpldmError(f"ghost clipping: sum_mode must be 'bookkeeping' or 'reweight'; got {sum_mode!r}")
     if norm_form not in ("auto", "ghost", "materialise"):
         raise DpldmError(f"ghost clipping: norm_form must be auto, ghost or materialise; got {norm_form!r}")
-    return int(n)
+    return n
 
 
 @contextlib.contextmanager
