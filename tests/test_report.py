@@ -214,7 +214,7 @@ def test_report_warts_fixed_legend_not_private_once_timings_table_and_zero_epsil
 
 
 def test_explicit_seed_rows_are_flagged_loudly(tmp_path):
-    from dpldm.eval.dpsgd_baseline import EXPLICIT_SEED_WARNING
+    from dpldm.privacy.ledger import EXPLICIT_SEED_WARNING
     run = _run(tmp_path, "seeded", True, 2.0, ["EXPLICIT SEED: reproducible by whoever has the seed; not a release"])
     rows = [row_from_ledger("dpldm", read_ledger(run), {"mean": 0.7, "std": 0.0}, run=str(run)),
             row_from_ledger("DP-SGD", _mechanism(2.0, 1.0, 0.1, 10, warnings=[EXPLICIT_SEED_WARNING]),

@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpldm.errors import DpldmError
 from dpldm.eval.classifier import _check, build_classifier
 from dpldm.log import log
+from dpldm.privacy.ledger import EXPLICIT_SEED_WARNING
 from dpldm.rng import RunRandomness, secret_seed
 
-EXPLICIT_SEED_WARNING = "explicit seed: the noise is reproducible by whoever has the seed; not a release"
 
 # Tuned on public data (docs/evaluation.md); override per call.
 DEFAULTS = dict(epochs=15, expected_batch_size=1000, max_grad_norm=0.1, lr=0.0, momentum=0.9, arch="cnn", width=0)

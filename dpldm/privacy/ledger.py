@@ -29,8 +29,8 @@ from dpldm.privacy import accountant as _accountant
 from dpldm.run_dir import LEDGER
 
 LEDGER_FILE = LEDGER
-EXPLICIT_SEED_WARNING = ("EXPLICIT SEED: the noise and the Poisson batches are reproducible by whoever has the seed "
-                         "(it is in config.yaml); not a release")
+EXPLICIT_SEED_WARNING = ("EXPLICIT SEED: the noise and the Poisson batches are reproducible by whoever has the seed; "
+                         "not a release")
 BUDGET_RTOL = 1e-6
 
 
