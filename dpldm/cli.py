@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--fast", action="store_true", help="~3-minute smoke version")
     qs.add_argument("--plan", choices=["full", "long"], default="full",
                     help="full: ~20 minutes on 2 CPU cores; long: ~5x pretraining, DP steps and samples (the trend)")
-    qs.set_defaults(handler="dpldm.quickstart:main")
+    qs.set_defaults(handler="dpldm.recipes.quickstart:main")
 
     tp = verbs.add_parser("tune-proxy", help="choose the quickstart's fine-tune settings on a public proxy set")
     tp.add_argument("--out", default="runs/quickstart", help="shares the quickstart's public pipeline")
@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--epsilons", type=float, nargs="+", default=[10.0],
                     help="private-run eps whose noise each candidate gets; the first selects")
     tp.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
-                    help="a subset of dpldm.tune_proxy.CANDIDATES (default: all)")
-    tp.set_defaults(handler="dpldm.tune_proxy:main")
+                    help="a subset of dpldm.recipes.tune_proxy.CANDIDATES (default: all)")
+    tp.set_defaults(handler="dpldm.recipes.tune_proxy:main")
     return parser
 
 

@@ -173,7 +173,7 @@ def test_batchnorm_model_is_rejected(tmp_path, assets):
 
 def test_quickstart_moves_a_run_made_with_other_settings_aside_with_its_ledger(tmp_path, assets):
     """`dpldm quickstart` after an edit of configs/quickstart.yaml must not resume (and report) the old run."""
-    from dpldm.quickstart import finetuned
+    from dpldm.recipes.quickstart import finetuned
     pipe, shards = assets
     first = finetuned(finetune_config(tmp_path, pipe, shards, **{"train.steps": 1}))
     ledger = (first / "privacy.json").read_text()

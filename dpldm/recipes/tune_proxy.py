@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from dpldm.errors import DpldmError
-from dpldm.quickstart import (FAST, FULL, Plan, Stage, finetune_cfg, finetuned, pack_sets, pretrain_public, public_set,
-                              sampled)
+from dpldm.recipes.quickstart import (FAST, FULL, Plan, Stage, finetune_cfg, finetuned, pack_sets, pretrain_public,
+                                      public_set, sampled)
 
 MNIST_TRAIN_N = 60000      # the private set's size in the full quickstart (public knowledge, recorded in its ledger)
 PROXY_SAMPLES = 500        # samples scored per candidate (full plan)
