@@ -59,9 +59,9 @@ def check_ranks_agree(what: str, values: dict) -> None:
     gathered: list = [None] * _world()
     dist.all_gather_object(gathered, {k: json.dumps(v, sort_keys=True, default=str) for k, v in values.items()})
     diffs = sorted({k for other in gathered[1:] for k in gathered[0] if other.get(k) != gathered[0][k]})
-    if diffs:
-        detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {g.get(k)}" for r, g in enumerate(gathered))
-                           for k in diffs)
+    if diffs:   # which ranks, not the values: a cache fingerprint hashes private labels, a seed digest the seed
+        detail = "; ".join(f"{k}: ranks {[r for r, g in enumerate(gathered) if g.get(k) != gathered[0][k]]} "
+                           "differ from rank 0" for k in diffs)
         raise DpldmError(f"{what}: ranks disagree on {', '.join(diffs)} ({detail}); every rank must read the "
                          "same private latent cache and run seed: stopping before the next step")
 
