@@ -19,8 +19,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpldm.config import Config, apply_mapping, load_config, save_config
+from dpldm.config import Config, apply_mapping, load_config, save_config, to_dict
+from dpldm.data.pack import pack
 from dpldm.errors import DpldmError
+from dpldm.eval.classifier import accuracy, evaluate_synthetic
+from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
+from dpldm.eval.report import read_ledger, row_from_ledger, write_report, zero_cost_row
+from dpldm.eval.shards import load_shards
+from dpldm.privacy.ledger import Ledger
+from dpldm.sample import sample_run
+from dpldm.train.finetune import run_finetune
+from dpldm.train.pretrain import run_pretrain
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAPER_ROWS = [  # MNIST, eps = 10, delta = 1e-5 (DP-LoDA paper, Table IV; DPDM paper)
@@ -108,7 +117,6 @@ class Stage:
 
 def pack_sets(out: Path, plan: Plan, names=("fashion", "private", "test")) -> dict[str, Path]:
     """Pack the named sets into out/data (each once: a second call finds them packed)."""
-    from dpldm.data.pack import pack
     jobs = {"fashion": ("fashion-mnist", "train", plan.public_n), "private": ("mnist", "train", plan.private_n),
             "test": ("mnist", "test", plan.test_n),   # public proxy for tuning (dpldm tune-proxy):
             "digits": ("digits", "train", 0), "digits-test": ("digits", "test", 0),
@@ -124,7 +132,6 @@ def pack_sets(out: Path, plan: Plan, names=("fashion", "private", "test")) -> di
 def pretrain_public(out: Path, data: dict, plan: Plan) -> Path:
     """Autoencoder, then latent U-Net, on the plan's public set (data[PUBLIC_SETS[plan.public][0]]; reused when
     done); returns the pipeline folder."""
-    from dpldm.train.pretrain import run_pretrain
     key, config, folder = public_set(plan)
     public = out / folder
     base = [f"data.public={data[key]}", f"output.dir={public}", f"model.vae={public / 'vae'}",
@@ -155,8 +162,6 @@ def finetune_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float) 
 def finetuned(cfg: Config) -> Path:
     """run_finetune(cfg), resuming output.dir only if that run was made with the same config: a run made with
     other settings (e.g. an edited configs/quickstart.yaml) is moved aside to DIR.stale-K, ledger and all."""
-    from dpldm.config import to_dict
-    from dpldm.train.finetune import run_finetune
     run = Path(cfg.output.dir)
     if (run / "config.yaml").exists() and to_dict(load_config(run / "config.yaml")) != to_dict(cfg):
         k = 1
@@ -169,7 +174,6 @@ def finetuned(cfg: Config) -> Path:
 
 def _pretrained_only_run(out: Path, cfg: Config) -> Path:
     """A run dir for 'the pretrained model without fine-tuning' (touches no private data: ε = 0)."""
-    from dpldm.privacy.ledger import Ledger
     run = out / "pretrained-only"
     run.mkdir(parents=True, exist_ok=True)
     cfg = apply_mapping(load_config(None), {"model": vars(cfg.model).copy(), "sample": vars(cfg.sample).copy(),
@@ -188,7 +192,6 @@ def _pretrained_only_run(out: Path, cfg: Config) -> Path:
 def sampled(run: Path, n: int, out: Path | None = None, **settings):
     """run's samples (n images; `settings` override the run config's guidance/steps), made unless already there
     with the same n and settings."""
-    from dpldm.sample import sample_run
     out = out or run / "samples"
     sc = load_config(run / "config.yaml").sample
     want = {"n": n, "guidance": sc.guidance, "steps": sc.steps, "scheduler": sc.scheduler, "seed": sc.seed, **settings}
@@ -221,10 +224,6 @@ def discussion(rows: list[dict]) -> str:
 
 
 def main(args) -> int:
-    from dpldm.eval.classifier import accuracy, evaluate_synthetic
-    from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
-    from dpldm.eval.report import read_ledger, row_from_ledger, write_report, zero_cost_row
-    from dpldm.eval.shards import load_shards
 
     plan = FAST if args.fast else PLANS[getattr(args, "plan", None) or "full"]
     out = Path(args.out)

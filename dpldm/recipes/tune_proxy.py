@@ -18,9 +18,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
+import torch
+
+from dpldm.config import apply_mapping
 from dpldm.errors import DpldmError
+from dpldm.eval.classifier import accuracy, evaluate_synthetic, train_classifier
+from dpldm.eval.shards import load_shards
+from dpldm.privacy.accountant import noise_multiplier_for
 from dpldm.recipes.quickstart import (FAST, FULL, Plan, Stage, finetune_cfg, finetuned, pack_sets, pretrain_public,
                                       public_set, sampled)
 
@@ -60,13 +67,11 @@ EVAL_ONLY = {"clf_epochs", "synthetic_n", "sample_steps"}
 
 def proxy_sigma(plan: Plan, eps: float, delta: float, accountant: str, relation: str = "add_remove") -> float:
     """σ of the private run this proxy stands in for (its N, expected batch, steps, accountant and relation)."""
-    from dpldm.privacy.accountant import noise_multiplier_for
     n = plan.private_n or MNIST_TRAIN_N
     return noise_multiplier_for(eps, plan.expected_batch / n, plan.ft_steps, delta, accountant, relation)
 
 
 def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, name: str, overrides: dict):
-    from dpldm.config import apply_mapping
     cfg = finetune_cfg(out, pipeline, {"private": data["digits"], "test": data["digits-test"]}, plan, eps)
     sigma = proxy_sigma(plan, eps, cfg.privacy.delta, cfg.privacy.accountant, cfg.privacy.relation)
     slug = name.replace(" ", "").replace("=", "").replace(".yaml", "")
@@ -80,7 +85,6 @@ def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, nam
 
 def split_overrides(plan: Plan, overrides: dict) -> tuple[Plan, dict]:
     """(the plan with its "plan.X" overrides applied, the remaining config overrides)."""
-    from dataclasses import fields, replace
     names = {f.name for f in fields(Plan)}
     bad = [k for k in overrides if k.startswith("plan.") and k[5:] not in names]
     if bad:
@@ -128,9 +132,6 @@ def write_table(path: Path, rows: list[dict], scorer_acc: float, best: str) -> N
 
 
 def main(args) -> int:
-    import torch
-    from dpldm.eval.classifier import accuracy, evaluate_synthetic, train_classifier
-    from dpldm.eval.shards import load_shards
 
     plan = FAST if args.fast else FULL
     out = Path(args.out)

@@ -26,15 +26,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 
-from dpldm.config import Config, load_config, save_config
+from dpldm.config import Config, apply_mapping, load_config, save_config
 from dpldm.data.latent_cache import LatentCache, ensure_cache
 from dpldm.data.poisson import PoissonSampler, split_for_rank
 from dpldm.distributed.agreement import cache_fingerprint, check_ranks_agree, check_same_value
 from dpldm.distributed.env import all_reduce_sum_, init_distributed
 from dpldm.errors import DpldmError
 from dpldm.log import log
+from dpldm.models.adapters import attach_adapter, parameter_table, save_adapter, trainable_named_parameters
 from dpldm.models.diffusion_loss import diffusion_loss, example_draws
 from dpldm.models.ema import EMA
+from dpldm.models.pipeline import class_prompts, encode_prompts, load_pipeline
 from dpldm.privacy import accountant as acc
 from dpldm.privacy.dp_step import add_noise_and_normalize, assert_dp_compatible, clipped_grad_sum, noise_generator
 from dpldm.privacy.ghost_clipping import choose_engine, ghost_clipped_grad_sum
@@ -55,7 +57,6 @@ class ConditionEncoder:
     """Maps cache records to U-Net conditioning: class prompts (cached table) or captions."""
 
     def __init__(self, comps, cfg: Config, cache: LatentCache, device):
-        from dpldm.models.pipeline import class_prompts, encode_prompts
         self.comps, self.device = comps, device
         self._encode = partial(encode_prompts, comps)
         meta = getattr(comps, "meta", {}) or {}
@@ -223,7 +224,6 @@ class FinetuneTrainer(Trainer):
     def on_checkpoint(self, step: int) -> None:
         """Ledger first, then the adapter (the EMA of the iterates when train.ema_decay > 0): a published
         adapter is never ahead of its ledger."""
-        from dpldm.models.adapters import save_adapter
         if self.env.is_main:
             self.epsilon_at(step)
             self.ledger.steps = step
@@ -291,8 +291,6 @@ def new_ledger(cfg: Config, n: int, q: float, sigma: float) -> Ledger:
 def run_finetune(cfg: Config) -> Path:
     # torch.func has no batching rule for CPU flash attention and says so every step; results are exact
     warnings.filterwarnings("ignore", message=".*batching rule for aten::_scaled_dot_product.*")
-    from dpldm.models.adapters import attach_adapter, parameter_table, trainable_named_parameters
-    from dpldm.models.pipeline import load_pipeline
 
     env = init_distributed(cfg.distributed.backend)
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -352,7 +350,6 @@ def images_as_the_autoencoder_takes_them(cfg: Config, vae, env) -> Config:
     converted to RGB and back as needed): a preset's `model.channels` never wins over the folder the user
     pointed at. `model.resolution` stays the user's choice (SD autoencoders are fully convolutional) but must
     be a multiple of the autoencoder's downsampling factor."""
-    from dpldm.config import apply_mapping
     channels = int(vae.config.in_channels)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if cfg.model.resolution % factor:

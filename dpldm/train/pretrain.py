@@ -17,19 +17,24 @@ import math
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from dpldm.config import Config, load_config, save_config
+from dpldm.data.images import from_float_chw, make_grid
+from dpldm.data.shards import count_samples
+from dpldm.data.stream import stream_loader
 from dpldm.distributed.env import init_distributed
 from dpldm.errors import DpldmError
+from dpldm.log import log
 from dpldm.models import pipeline as P
 from dpldm.models.diffusion_loss import diffusion_loss
 from dpldm.models.ema import EMA
+from dpldm.models.text_encoders import load_text_encoder
 from dpldm.rng import RunRandomness
-from dpldm.log import log
-from dpldm.train.trainer import Trainer, public_seed
 from dpldm.run_dir import RunDir
+from dpldm.train.trainer import Trainer, public_seed
 
 KL_WEIGHT = 1e-6          # on the per-example KL sum, relative to the per-example L1 sum (as SD's VAE)
 SCALE_SAMPLES = 512       # images used to measure the latent scaling factor
@@ -65,7 +70,6 @@ def measure_scaling_factor(vae, batches, max_images: int = SCALE_SAMPLES) -> flo
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    from dpldm.data.images import from_float_chw
     return [Image.fromarray(from_float_chw(x)) for x in pixels.detach().float().cpu().numpy()]
 
 
@@ -75,7 +79,6 @@ class PublicBatches:
     """Endless iterator of `data.public` batches for this rank; `epoch` is kept for resume."""
 
     def __init__(self, cfg: Config, env, resolution: int, channels: int):
-        from dpldm.data.stream import stream_loader
         if not cfg.data.public:
             raise DpldmError("config: data.public must name the public shards to pretrain on")
         if cfg.data.batch_size % env.world_size:
@@ -120,7 +123,6 @@ def total_steps(cfg: Config) -> int:
     if cfg.train.steps > 0:
         return cfg.train.steps
     if cfg.train.epochs > 0:
-        from dpldm.data.shards import count_samples
         return max(1, math.ceil(count_samples(cfg.data.public) * cfg.train.epochs / cfg.data.batch_size))
     raise DpldmError("config: train.steps (or train.epochs) must be > 0")
 
@@ -161,7 +163,6 @@ class AutoencoderTrainer(Trainer):
         recon = P.decode_latents(self.vae, P.encode_images(self.vae, x)[0])
         grid_dir = self.run_dir / "samples"
         grid_dir.mkdir(parents=True, exist_ok=True)
-        from dpldm.data.images import make_grid
         make_grid(to_images(x) + to_images(recon), columns=len(x)).save(grid_dir / f"step-{step:08d}.png")
         self.vae.train()
         log(f"autoencoder: wrote {self.out_dir} (scaling_factor {scale:.4f})")
@@ -177,7 +178,6 @@ def _vae_folder(spec: str) -> Path:
 
 class UNetTrainer(Trainer):
     def __init__(self, cfg: Config, run_dir: Path, env, device):
-        from dpldm.models.text_encoders import load_text_encoder
         vae = P.load_vae(_vae_folder(cfg.model.vae), str(device))
         tokenizer, encoder = load_text_encoder(cfg.model.text_encoder, cfg.model.max_text_length)
         self.comps = P.build_components(cfg.model, vae=vae, text=(tokenizer, encoder.to(device)),
@@ -255,9 +255,7 @@ class UNetTrainer(Trainer):
                             self.comps.scheduler, meta)
 
     def write_grid(self, step: int, comps: P.Components) -> Path:
-        from diffusers import DDIMScheduler
 
-        from dpldm.data.images import make_grid
         names = comps.meta["class_names"][:10]
         prompts = P.class_prompts(names, self.template) if names else [""]
         prompts = prompts * math.ceil(GRID_IMAGES / len(prompts))      # one column per class
