@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dpldm.config import DistributedConfig, OptimConfig
+from dpldm.distributed.env import all_reduce_sum_, world_size
 from dpldm.distributed.optim import make_optimizer, set_lr
 
 
@@ -34,7 +35,6 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         """Non-private step: local backward, then the gradients are averaged over ranks (if several)."""
         loss.backward()
-        from dpldm.distributed.env import all_reduce_sum_, world_size
         world = world_size()
         if world > 1:
             for p in self.trainable.values():   # same tensors on every rank, or all_reduce hangs
