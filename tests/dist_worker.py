@@ -4,7 +4,8 @@
     python tests/dist_worker.py --out DIR                      (one process)
 
 For each engine (plain torch, ZeRO 1, 2, 3) it runs STEPS logical DP steps the way the trainer does
-(global Poisson draw, per-rank slice, clipped per-example gradient sum, all-reduce, noise once, normalise
+(global Poisson draw, per-rank slice, clipped per-example gradient sum by the ghost / book-keeping engine that
+`privacy.clipping: auto` picks, all-reduce, noise once, normalise
 by the expected batch size, set_grads + step), once with sigma=0 and once with sigma>0, and saves the
 trainable weights, the injected noise and the engine state after CKPT_AT steps to DIR/rank{r}.pt.
 With --resume-from it also loads the engine state another world size saved and finishes the run.
@@ -22,7 +23,8 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpldm.config import DistributedConfig, OptimConfig  # noqa: E402
 from dpldm.data.poisson import PoissonSampler, split_for_rank  # noqa: E402
-from dpldm.privacy.dp_step import add_noise_and_normalize, clipped_grad_sum, noise_generator  # noqa: E402
+from dpldm.privacy.dp_step import add_noise_and_normalize, noise_generator  # noqa: E402
+from dpldm.privacy.ghost_clipping import ghost_clipped_grad_sum  # noqa: E402
 from dpldm.distributed.engine import make_engine  # noqa: E402
 from dpldm.distributed.env import all_reduce_sum_, init_distributed  # noqa: E402
 
@@ -51,13 +53,13 @@ def data():
     return torch.randn(N, 1, 6, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
 
 
-def loss_fn(model):
-    """The loss of ONE example, as dp_step.clipped_grad_sum expects."""
+def batch_loss_fn(model):
+    """Per-example losses [b] of a micro-batch, as the ghost engine (the trainer's default) takes them."""
     frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
 
-    def loss(params, xi, yi):
-        out = functional_call(model, {**frozen, **params}, (xi[None],))
-        return nn.functional.cross_entropy(out, yi[None])
+    def loss(params, x, y):
+        out = functional_call(model, {**frozen, **params}, (x,))
+        return nn.functional.cross_entropy(out, y, reduction="none")
     return loss
 
 
@@ -80,7 +82,7 @@ def run(engine_name: str, sigma: float, env, resume: dict | None = None):
         start = CKPT_AT
     for step in range(start, STEPS):      # the trainer's logical step (dpldm/train/finetune.py)
         local = torch.as_tensor(split_for_rank(sampler.next_indices(), env.rank, env.world_size))
-        grad_sum, _ = clipped_grad_sum(loss_fn(model), engine.params(), (x[local], y[local]), C, 4)
+        grad_sum, _ = ghost_clipped_grad_sum(model, engine.params(), batch_loss_fn(model), (x[local], y[local]), C, 4)
         all_reduce_sum_(grad_sum)
         grads = add_noise_and_normalize(grad_sum, sigma, C, EXPECTED_BS, noise_generator(SEED, step))
         noises.append(torch.cat([(grads[k] - grad_sum[k] / EXPECTED_BS).flatten() for k in sorted(grads)]))
