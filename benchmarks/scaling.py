@@ -9,9 +9,6 @@ each process uses one thread, so 2 processes use the machine's 2 cores.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -106,15 +103,9 @@ def worker(out: str) -> None:
 
 
 def _launch(nproc: int, out: Path) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(port), __file__, "--worker", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    sys.path.insert(0, str(ROOT))
+    from launchers.local import torchrun
+    proc = torchrun([__file__, "--worker", str(out)], nproc=nproc, timeout=None)
     if proc.returncode != 0:
         sys.exit(f"scaling worker on {nproc} process(es) failed:\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())

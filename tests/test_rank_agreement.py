@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny import finetune_config, make_mnist_shards, make_tiny_pipeline, torchrun
+from launchers.local import torchrun
+from tiny import finetune_config, make_mnist_shards, make_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "agreement_worker.py"

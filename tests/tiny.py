@@ -34,24 +34,6 @@ def make_tiny_pipeline(folder: Path, resolution: int = 16, seed: int = 0, vae_bl
     return folder
 
 
-def torchrun(args: list[str], timeout: int = 400):
-    """`python -m torch.distributed.run --nproc_per_node 2 ARGS` on a free port, one thread per rank, with no
-    rendezvous variables inherited from this process; returns the CompletedProcess (output captured)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), *args], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def make_mnist_shards(folder: Path, n: int = 64, split: str = "train") -> Path:
     from dpldm.data.pack import pack
     pack("mnist", folder, split=split, limit=n, shard_size=max(8, n // 2), verbose=False)
