@@ -103,7 +103,7 @@ class NoiseStream:
         self.rng, self.purpose, self.keys = rng, purpose, keys
         self.device, self.secure = torch.device(device), secure
         self.calls = 0
-        self.checksum = 0.0
+        self._sum = torch.zeros((), dtype=torch.float64, device=self.device)   # summed on the device: no sync per call
         self._numpy = None if secure or self.device.type != "cpu" else rng.numpy(purpose, *keys)
         self._torch = rng.torch(purpose, *keys, device=self.device) if not secure and self._numpy is None else None
 
@@ -116,5 +116,10 @@ class NoiseStream:
         else:
             z = torch.randn(numel, generator=self._torch, device=self.device, dtype=torch.float32)
         self.calls += 1
-        self.checksum += float(z.double().sum())
+        self._sum += z.double().sum()
         return z.reshape(shape)
+
+    @property
+    def checksum(self) -> float:
+        """The float64 sum of every draw so far (one device sync, when read)."""
+        return float(self._sum)

@@ -40,11 +40,11 @@ from dpldm.models.pipeline import class_prompts, encode_prompts, load_pipeline
 from dpldm.privacy import accountant as acc
 from dpldm.privacy.dp_step import add_noise_and_normalize, assert_dp_compatible, clipped_grad_sum, noise_generator
 from dpldm.privacy.ghost_clipping import choose_engine, ghost_clipped_grad_sum
-from dpldm.privacy.ledger import EXPLICIT_SEED_WARNING, Ledger
+from dpldm.privacy.ledger import Ledger
 from dpldm.privacy.run_seed import run_seed, seed_path
 from dpldm.rng import RunRandomness
 from dpldm.run_dir import RunDir
-from dpldm.train.trainer import Trainer
+from dpldm.train.trainer import Trainer, latest_checkpoint
 
 
 def example_flips(seed: int, step: int, indices) -> np.ndarray:
@@ -274,8 +274,6 @@ def plan(cfg: Config, n: int) -> tuple[float, int, float]:
 def new_ledger(cfg: Config, n: int, q: float, sigma: float) -> Ledger:
     p = cfg.privacy
     warnings = []
-    if cfg.seed is not None:
-        warnings.append(EXPLICIT_SEED_WARNING)
     if not p.enabled:
         warnings.append("NOT PRIVATE: privacy.enabled=false (no clipping, no noise): the No-DP baseline")
     elif sigma == 0:
@@ -368,16 +366,17 @@ def check_spent_steps_resumable(ledger: Ledger, run_dir: Path) -> None:
     first spending (and, with another seed or lr, release a second model trained on the same data)."""
     if ledger.steps == 0:
         return
-    ckpts = sorted(p for p in RunDir(run_dir).checkpoints.glob("step-*") if (p / "state.json").exists())
-    last = int(ckpts[-1].name.split("-")[1]) if ckpts else None
+    run = RunDir(run_dir)
+    newest = latest_checkpoint(run.checkpoints)
+    last = int(newest.name.split("-")[1]) if newest else None
     problem = None
     if last is None or last < ledger.steps:
-        problem = (f"no checkpoint at step >= {ledger.steps} in {run_dir / 'checkpoints'}"
+        problem = (f"no checkpoint at step >= {ledger.steps} in {run.checkpoints}"
                    + (f" (newest: step {last})" if last is not None else ""))
     elif not seed_path(run_dir).exists():
         problem = f"its secret seed {seed_path(run_dir)} is missing"
     if problem:
-        raise DpldmError(f"privacy ledger: {run_dir / 'privacy.json'} records {ledger.steps} spent steps "
+        raise DpldmError(f"privacy ledger: {run.ledger} records {ledger.steps} spent steps "
                          f"(epsilon {ledger.epsilon:.4g}) but {problem}: refusing to restart from step 0, which "
                          "would spend the budget again; start a new run directory (output.dir=...)")
 

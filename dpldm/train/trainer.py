@@ -37,6 +37,12 @@ def public_seed(cfg: Config) -> int:
     return 0 if cfg.seed is None else cfg.seed
 
 
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder (step-N with its state.json, written last), or None."""
+    done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
 def _fmt_time(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -86,10 +92,7 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
-        if not self.ckpt_dir.exists():
-            return None
-        done = sorted(p for p in self.ckpt_dir.glob("step-*") if (p / "state.json").exists())
-        return done[-1] if done else None
+        return latest_checkpoint(self.ckpt_dir)
 
     def save_checkpoint(self) -> Path:
         """Write <run>/checkpoints/step-N whole: every file into a temporary folder, then one atomic rename
