@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 from torch.func import functional_call
@@ -18,6 +19,7 @@ from dpldm.models.pipeline import build_scheduler, build_unet
 from dpldm.privacy.dp_step import clipped_grad_sum
 from dpldm.privacy.ghost_clipping import (GhostClippingNotice, choose_engine, ghost_clipped_grad_sum, plan_sites,
                                           supports)
+from dpldm.privacy.per_layer_norms import Site
 
 KINDS = ["loda", "lora", "attention", "full"]
 ALPHAS = build_scheduler(ModelConfig()).alphas_cumprod
@@ -142,6 +144,39 @@ def test_both_norm_forms_and_sum_modes_on_every_layer_type(form, sum_mode):
     ref = clipped_grad_sum(one, params, batch, clip, 3)
     assert_same(ghost_clipped_grad_sum(unet, params, batch_loss, batch, clip, 2, norm_form=form,
                                        sum_mode=sum_mode), ref)
+
+
+@pytest.mark.parametrize("geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=1, stride=2),
+                                      dict(kernel_size=(3, 2), padding=(2, 0), stride=(1, 2), dilation=(2, 1)),
+                                      dict(kernel_size=2)])
+@pytest.mark.parametrize("c,o", [(5, 3), (3, 6)])                  # out < in and out > in (the wide product)
+def test_conv_per_example_gradient_and_gram_match_unfold(geometry, c, o):
+    """The k×k conv paths against im2col (F.unfold): the per-example gradient by shifted windows of the
+    flat padded input, the unfolded input's Gram by both ways (pixel Gram + shifted blocks, per-offset
+    slices), and the squared norms of both forms; K = 2 rows per example, a non-square input."""
+    b, k = 3, 2
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c, o, bias=False, **geometry)
+    a = torch.randn(b * k, c, 7, 6)
+    g = torch.randn(conv(a).shape)
+    (kh, kw), n_out = conv.kernel_size, g.shape[2] * g.shape[3]
+    u = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    u = u.reshape(b, k, c * kh * kw, n_out).transpose(1, 2).reshape(b, c * kh * kw, k * n_out)    # an example's rows
+    gt = g.reshape(b, k, o, n_out).transpose(1, 2).reshape(b, o, k * n_out)
+    ref = (gt @ u.transpose(1, 2)).reshape(b, o, c, kh, kw)
+    site = Site("conv", conv, "conv", {"weight": "conv.weight"})
+    p, transposed = site.conv_per_example(a, g, b)
+    assert transposed == (o > c)
+    assert torch.allclose(p.transpose(1, 2) if transposed else p, ref, atol=1e-4)
+    for way in ("pixels", "offsets"):
+        site.gram_way = way
+        assert torch.allclose(site.conv_gram(a, b, g.shape[2], g.shape[3]), u.transpose(1, 2) @ u, atol=1e-3)
+        for form in ("ghost", "materialise"):
+            site.reset()
+            site.inputs = [a]
+            site.on_grad(0, g, b, False, form)
+            site.finish_norms()
+            assert torch.allclose(site.sq["weight"], ref.flatten(1).pow(2).sum(1), rtol=1e-4), (way, form)
 
 
 def test_k_rows_form_one_per_example_gradient():

@@ -60,22 +60,25 @@ class Site:
 
     roles: parameter role ('weight'/'bias') -> the trainable parameter's name in `params`.
     Per micro-batch: `inputs` holds each call's input; the backward tap fills `sq` (role -> [b]
-    squared norms), `per_example` (role -> [b, *shape] materialised gradients) and `stored`
-    (the raw (input, output-gradient) pairs of a ghost-form weight, for the book-keeping sum).
+    squared norms), `per_example` (role -> [b, ...] materialised gradients; a role in `transposed`
+    holds a weight's [b, d_in, d_out] instead of [b, d_out, d_in]) and `stored` (the raw (input,
+    output-gradient) pair of a ghost-form weight, for the book-keeping sum).
     """
     name: str
     module: nn.Module
     kind: str
     roles: dict[str, str]
     form: str = "auto"                                   # 'ghost' | 'materialise' for the weight
+    gram_way: str = "auto"                               # conv_gram: 'auto' | 'pixels' | 'offsets' (tests)
     inputs: list = field(default_factory=list)
     sq: dict = field(default_factory=dict)
     per_example: dict = field(default_factory=dict)
+    transposed: set = field(default_factory=set)
     stored: list = field(default_factory=list)
     valid: bool = True
 
     def reset(self) -> None:
-        self.inputs, self.sq, self.per_example, self.stored, self.valid = [], {}, {}, [], True
+        self.inputs, self.sq, self.per_example, self.transposed, self.stored, self.valid = [], {}, {}, set(), [], True
 
     # -- shapes ---------------------------------------------------------------------------------
     def pointwise(self) -> bool:
@@ -83,57 +86,134 @@ class Site:
         return (self.kind == "conv" and tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1)
                 and tuple(m.padding) == (0, 0))
 
-    def g_tokens(self, g: Tensor, b: int) -> Tensor:
-        """G [b, K·T, d_out] in float32: the output gradient, an example's K rows' tokens together."""
+    def rows(self, t: Tensor) -> Tensor:
+        """One row's tokens as a matrix, float32, a view of `t` (no copy when it is float32 already):
+        [N, d, T] channels first for a conv (its own layout), [N, T, d] tokens first for a Linear."""
+        t = t.float()
         if self.kind == "conv":
-            g = g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)        # [N, L, out]
-        return g.reshape(b, -1, g.shape[-1]).float()
+            return t.reshape(t.shape[0], t.shape[1], -1)
+        return t.reshape(t.shape[0], -1, t.shape[-1])
 
-    def a_tokens(self, a: Tensor, b: int) -> Tensor:
-        """A [b, K·T, d_in] in float32 for a Linear or a 1×1 conv (k×k convs never build it)."""
+    def examples(self, m: Tensor, b: int) -> Tensor:
+        """`rows` output regrouped per example, its K rows' tokens together: [b, d, K·T] (conv) or
+        [b, K·T, d] (Linear). A view, except for a conv with K > 1 (one copy)."""
+        k = m.shape[0] // b
+        if k == 1:
+            return m
         if self.kind == "conv":
-            a = a.reshape(a.shape[0], a.shape[1], -1).transpose(1, 2)
-        return a.reshape(b, -1, a.shape[-1]).float()
+            return m.reshape(b, k, m.shape[1], m.shape[2]).transpose(1, 2).reshape(b, m.shape[1], -1)
+        return m.reshape(b, -1, m.shape[-1])
 
-    def _offsets(self, a: Tensor, ho: int, wo: int):
-        """For each kernel offset, the strided slice [N, C, ho, wo] of the padded input it multiplies."""
+    def token_gram(self, m: Tensor) -> Tensor:
+        """[n, T, T]: inner products between the tokens of each matrix from `rows` / `examples`."""
+        return torch.bmm(m.transpose(1, 2), m) if self.kind == "conv" else torch.bmm(m, m.transpose(1, 2))
+
+    def weight_product(self, a: Tensor, g: Tensor) -> tuple[Tensor, bool]:
+        """Σ_t g_t a_tᵀ for each of the n matrices from `rows` / `examples`: [n, d_out, d_in], or its
+        transpose [n, d_in, d_out] (and True) when d_out > d_in: BLAS writes a wide matrix several
+        times faster than a tall, narrow one (measured: LoDA/LoRA's B, d_in = rank)."""
+        conv = self.kind == "conv"
+        d_out, d_in = (g.shape[1], a.shape[1]) if conv else (g.shape[2], a.shape[2])
+        if d_out <= d_in:
+            return (torch.bmm(g, a.transpose(1, 2)) if conv else torch.bmm(g.transpose(1, 2), a)), False
+        return (torch.bmm(a, g.transpose(1, 2)) if conv else torch.bmm(a.transpose(1, 2), g)), True
+
+    def _padded(self, a: Tensor) -> Tensor:
+        ph, pw = self.module.padding
+        return F.pad(a.float(), (pw, pw, ph, ph)) if (ph or pw) else a.float()
+
+    def conv_per_example(self, a: Tensor, g: Tensor, b: int) -> tuple[Tensor, bool]:
+        """Per-example weight gradients [b, out, in, kh, kw] of a k×k conv (or [b, in, out, kh, kw] and
+        True when out > in, the wide product as in `weight_product`):
+            P[o, c, i, j] = Σ_{y,x} g[o, y, x] · a_pad[c, y·sh + i·dh, x·sw + j·dw]   (summed over the K rows).
+        With a_pad flattened row-major (width Wp) and g laid on the same grid (g[o, y, x] at y·sh·Wp + x·sw,
+        zeros elsewhere), kernel offset (i, j) is a shift by i·dh·Wp + j·dw of the flat input: a window
+        of it that is a strided view, so each offset is one bmm on views (no im2col, no copies)."""
         m = self.module
-        (ph, pw), (sh, sw), (dh, dw), (kh, kw) = m.padding, m.stride, m.dilation, m.kernel_size
-        ap = F.pad(a.float(), (pw, pw, ph, ph)) if (ph or pw) else a.float()
+        (sh, sw), (dh, dw), (kh, kw) = m.stride, m.dilation, m.kernel_size
+        n, c, o, ho, wo = a.shape[0], a.shape[1], g.shape[1], g.shape[2], g.shape[3]
+        ap = self._padded(a)
+        wp = ap.shape[3]
+        x = ap.reshape(n, c, -1)                                               # [N, C, Hp·Wp]
+        hq = (ho - 1) * sh + 1
+        if sh == sw == 1:
+            gq = F.pad(g.float(), (0, wp - wo))                                # [N, out, ho, Wp]
+        else:
+            gq = g.new_zeros((n, o, hq, wp), dtype=torch.float32)
+            gq[:, :, ::sh, :(wo - 1) * sw + 1:sw] = g
+        lq = (hq - 1) * wp + (wo - 1) * sw + 1                                 # up to g's last position
+        gq = gq.reshape(n, o, -1)[:, :, :lq]
+        windows = [x[:, :, s:s + lq] for s in (i * dh * wp + j * dw for i in range(kh) for j in range(kw))]
+        transposed = o > c
+        out = torch.stack([torch.bmm(xs, gq.transpose(1, 2)) if transposed else torch.bmm(gq, xs.transpose(1, 2))
+                           for xs in windows], -1)
+        out = out.reshape(n, *out.shape[1:3], kh, kw)
+        return (out if n == b else out.reshape(b, n // b, *out.shape[1:]).sum(1)), transposed
+
+    def conv_gram(self, a: Tensor, b: int, ho: int, wo: int) -> Tensor:
+        """A_i A_iᵀ [b, K·L, K·L] of a k×k conv's unfolded input (L = ho·wo receptive fields per row,
+        an example's K rows' together), without unfolding, the cheaper of two ways (`conv_gram_costs`):
+          - "pixels": the Gram F = X_iᵀ X_i of the padded input's pixels (X_i [C, K·Hp·Wp], a view for
+            K = 1); the receptive fields at (y, x) and (y', x') then have the inner product
+            Σ_{i,j} F[(y·sh + i·dh, x·sw + j·dw), (y'·sh + i·dh, x'·sw + j·dw)]: kh·kw strided sub-blocks
+            of F added;
+          - "offsets": per kernel offset, the strided slice of the padded input it multiplies (a copy) and
+            its Gram, summed."""
+        m = self.module
+        (sh, sw), (dh, dw), (kh, kw) = m.stride, m.dilation, m.kernel_size
+        n, c = a.shape[0], a.shape[1]
+        k = n // b
+        ap = self._padded(a)
+        hp, wp = ap.shape[2], ap.shape[3]
+        ry = [slice(i * dh, i * dh + (ho - 1) * sh + 1, sh) for i in range(kh)]
+        rx = [slice(j * dw, j * dw + (wo - 1) * sw + 1, sw) for j in range(kw)]
+        pixels, offsets = self.conv_gram_costs(k, c, hp * wp, ho * wo)
+        if self.gram_way == "pixels" or (self.gram_way == "auto" and pixels <= offsets):
+            f = self.token_gram(self.examples(ap.reshape(n, c, -1), b)).view(b, k, hp, wp, k, hp, wp)
+            gram = torch.zeros((b, k, ho, wo, k, ho, wo), dtype=f.dtype, device=f.device)
+            for i in range(kh):
+                for j in range(kw):
+                    gram += f[:, :, ry[i], rx[j], :, ry[i], rx[j]]
+            return gram.view(b, k * ho * wo, -1)
+        gram = None
         for i in range(kh):
             for j in range(kw):
-                yield i, j, ap[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
-
-    def conv_per_example(self, a: Tensor, g: Tensor, b: int) -> Tensor:
-        """Per-example weight gradients [b, out, in, kh, kw] of a k×k conv, one strided slice of the
-        padded input per kernel offset (no im2col, which is slow on CPU)."""
-        n, c = a.shape[0], a.shape[1]
-        gf = g.reshape(n, g.shape[1], -1).float()                          # [N, out, L]
-        out = torch.stack([torch.bmm(gf, x.reshape(n, c, -1).transpose(1, 2))
-                           for _, _, x in self._offsets(a, g.shape[2], g.shape[3])], -1)
-        out = out.reshape(n, g.shape[1], c, *self.module.kernel_size)
-        return out.reshape(b, n // b, *out.shape[1:]).sum(1)
-
-    def conv_gram(self, a: Tensor, nb: int, ho: int, wo: int) -> Tensor:
-        """A_i A_iᵀ [nb, K·L, K·L] of a k×k conv's unfolded input, summed over kernel offsets."""
-        n, c = a.shape[0], a.shape[1]
-        gram = None
-        for _, _, x in self._offsets(a, ho, wo):
-            x = x.reshape(nb, n // nb, c, ho * wo).transpose(1, 2).reshape(nb, c, -1)   # [nb, C, K·L]
-            term = torch.bmm(x.transpose(1, 2), x)
-            gram = term if gram is None else gram.add_(term)
+                x = self.examples(ap[:, :, ry[i], rx[j]].reshape(n, c, -1), b)   # [b, C, K·L]
+                term = self.token_gram(x)
+                gram = term if gram is None else gram.add_(term)
         return gram
 
+    # Cost model, in multiply-add equivalents per example, fitted to 1-thread CPU timings of the layer
+    # shapes of the quickstart and SD-layout U-Nets (bmm ≈ 0.04 ns per multiply-add): a strided add of
+    # a 7-d view of F costs ~20, an element copied by a kernel-offset slice ~33 (with its per-op
+    # overhead), an element of a materialised k×k conv gradient ~60 (stacked, summed, squared).
+    def conv_gram_costs(self, k: int, c: int, lp: int, lo: int) -> tuple[int, int]:
+        """conv_gram's ("pixels", "offsets") costs for K rows of C channels, Lp padded pixels, L outputs."""
+        kk = self.module.kernel_size[0] * self.module.kernel_size[1]
+        return (k * lp) ** 2 * c + 20 * kk * (k * lo) ** 2, kk * k * lo * c * (k * lo + 33)
+
+    def costs(self, a: Tensor, g: Tensor, b: int) -> tuple[int, int]:
+        """The weight's (ghost, materialised) forms' costs per example, by the model above. For a Linear
+        or 1×1 conv, multiply-adds with the materialised form's counted twice: its batched products
+        (with b·d_out·d_in to write) ran at about half the speed per multiply-add of the Grams."""
+        k = a.shape[0] // b
+        if self.kind == "conv" and not self.pointwise():
+            (ph, pw), (kh, kw) = self.module.padding, self.module.kernel_size
+            c, o, lo = a.shape[1], g.shape[1], g.shape[2] * g.shape[3]
+            lp = (a.shape[2] + 2 * ph) * (a.shape[3] + 2 * pw)
+            ghost = min(self.conv_gram_costs(k, c, lp, lo)) + (k * lo) ** 2 * o
+            return ghost, kh * kw * c * o * (k * lp + 60)
+        w = self.module.weight
+        d_out, d_in, t = w.shape[0], w[0].numel(), g[0].numel() // w.shape[0]
+        return k * k * t * t * (d_in + d_out), 2 * k * t * d_in * d_out
+
     @staticmethod
-    def choose_form(tokens: int, d_in: int, d_out: int, forced: str) -> str:
-        """The cheaper form in multiply-adds per example: the Gram matrices cost (K·T)²·(d_in + d_out),
-        the materialised gradient K·T·d_in·d_out; ties go to the ghost form (its batched products ran
-        faster on CPU, and it keeps only the layer's input and output gradient, not b·d_in·d_out).
-        Where the materialised form wins, its gradient (d_in·d_out) is smaller than twice the
-        example's tokens (K·T·(d_in + d_out)). `forced` ('ghost' / 'materialise') overrides."""
+    def choose_form(ghost_cost: int, materialise_cost: int, forced: str) -> str:
+        """The cheaper form by `costs` (ties: ghost, which keeps only the layer's input and output
+        gradient, not b·d_in·d_out); `forced` ('ghost' / 'materialise') overrides."""
         if forced in ("ghost", "materialise"):
             return forced
-        return "ghost" if tokens * (d_in + d_out) < 2 * d_in * d_out else "materialise"   # 2: measured, CPU
+        return "ghost" if ghost_cost <= materialise_cost else "materialise"
 
     # -- backward tap ---------------------------------------------------------------------------
     def on_grad(self, call: int, g: Tensor, b: int, keep: bool, forced: str) -> None:
@@ -150,33 +230,46 @@ class Site:
         if self.kind in ("groupnorm", "layernorm"):
             self._norm_layer(a, g, b, a.shape[0] // b)
             return
-        G = self.g_tokens(g, b)
-        if "bias" in self.roles:
-            self._add_per_example("bias", G.sum(1))
+        g_rows = self.rows(g)
+        if "bias" in self.roles:                             # Σ over the example's tokens (and K rows)
+            bias = g_rows.sum(2 if self.kind == "conv" else 1)
+            self._add_per_example("bias", bias if bias.shape[0] == b else bias.reshape(b, -1, bias.shape[1]).sum(1))
         if "weight" not in self.roles:
             return
-        w = self.module.weight
-        form = self.form = self.choose_form(G.shape[1], w[0].numel(), w.shape[0], forced)
+        form = self.form = self.choose_form(*self.costs(a, g, b), forced)
+        kxk = self.kind == "conv" and not self.pointwise()
         if form == "materialise" or len(self.inputs) > 1:    # several calls: cross terms, so materialise
-            if self.kind == "conv" and not self.pointwise():
-                self._add_per_example("weight", self.conv_per_example(a, g, b))
+            if kxk:
+                self._add_per_example("weight", *self.conv_per_example(a, g, b))
+                return
+            a_rows = self.rows(a)
+            if self.kind == "conv" and a.shape[0] != b:      # per row, then the K rows summed (no copy)
+                p, t = self.weight_product(a_rows, g_rows)
+                p = p.reshape(b, -1, *p.shape[1:]).sum(1)
             else:
-                p = torch.bmm(G.transpose(1, 2), self.a_tokens(a, b))
-                self._add_per_example("weight", p.reshape(b, *w.shape))
+                p, t = self.weight_product(self.examples(a_rows, b), self.examples(g_rows, b))
+            self._add_per_example("weight", p, t)
             return
-        if self.kind == "conv" and not self.pointwise():
+        G = self.examples(g_rows, b)
+        gram_g = lambda s, e: self.token_gram(G[s:e])
+        tokens = G.shape[2] if self.kind == "conv" else G.shape[1]          # K·T
+        if kxk:
             k = a.shape[0] // b
             gram_a = lambda s, e: self.conv_gram(a[s * k:e * k], e - s, g.shape[2], g.shape[3])
+            ph, pw = self.module.padding
+            tokens = max(tokens, k * (a.shape[2] + 2 * ph) * (a.shape[3] + 2 * pw))   # conv_gram's pixel Gram
         else:
-            A = self.a_tokens(a, b)
-            gram_a = lambda s, e: torch.bmm(A[s:e], A[s:e].transpose(1, 2))
-        self.sq["weight"] = _ghost_sq(gram_a, G)
+            A = self.examples(self.rows(a), b)
+            gram_a = lambda s, e: self.token_gram(A[s:e])
+        self.sq["weight"] = _ghost_sq(gram_a, gram_g, b, tokens * tokens)
         if keep:
             self.stored.append((a, g))
 
-    def _add_per_example(self, role: str, p: Tensor) -> None:
+    def _add_per_example(self, role: str, p: Tensor, transposed: bool = False) -> None:
         prev = self.per_example.get(role)
         self.per_example[role] = p if prev is None else prev + p
+        if transposed:
+            self.transposed.add(role)
 
     def _norm_layer(self, x: Tensor, g: Tensor, b: int, k: int) -> None:
         m = self.module
@@ -200,41 +293,42 @@ class Site:
 
     # -- clipped sum ----------------------------------------------------------------------------
     def clipped_sum(self, role: str, factor: Tensor, good: Tensor | None) -> Tensor:
-        """Σ_i factor_i · grad_i for one parameter; examples with good_i False contribute zero."""
+        """Σ_i factor_i · grad_i for one parameter (to be reshaped like it); examples with good_i False
+        contribute zero."""
         p = self.per_example.get(role)
         if p is not None:
             if good is not None:
                 p = torch.where(good.view(-1, *([1] * (p.dim() - 1))), p, torch.zeros((), dtype=p.dtype,
                                                                                        device=p.device))
-            return torch.einsum("b,b...->...", factor.to(p.dtype), p)
+            s = (factor.to(p.dtype) @ p.reshape(p.shape[0], -1)).view(p.shape[1:])
+            return s.transpose(0, 1) if role in self.transposed else s
         (a, g), = self.stored                              # ghost form: one call, book-keeping
         b = factor.shape[0]
         k = a.shape[0] // b
-        row_f = factor.repeat_interleave(k).to(torch.float32)
         if good is not None:
             rows_ok = good.repeat_interleave(k)
             a = torch.where(rows_ok.view(-1, *([1] * (a.dim() - 1))), a, torch.zeros((), dtype=a.dtype,
                                                                                      device=a.device))
             g = torch.where(rows_ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype,
                                                                                      device=g.device))
-        gs = g.float() * row_f.view(-1, *([1] * (g.dim() - 1)))
+        # the weight gradient is bilinear in (input, output gradient): scale the smaller one's rows by f
+        row_f = (factor if k == 1 else factor.repeat_interleave(k)).to(torch.float32)
+        scaled = lambda t: t.float() * row_f.view(-1, *([1] * (t.dim() - 1)))
+        a, g = (scaled(a), g.float()) if a.numel() < g.numel() else (a.float(), scaled(g))
         m = self.module
         if self.kind == "conv":
-            return torch.nn.grad.conv2d_weight(a.float(), m.weight.shape, gs, stride=m.stride, padding=m.padding,
+            return torch.nn.grad.conv2d_weight(a, m.weight.shape, g, stride=m.stride, padding=m.padding,
                                                dilation=m.dilation, groups=1)
-        return gs.reshape(-1, gs.shape[-1]).t() @ a.reshape(-1, a.shape[-1]).float()
+        a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+        return g.t() @ a if g.shape[1] <= a.shape[1] else (a.t() @ g).t()     # the wide product (weight_product)
 
 
-def _ghost_sq(gram_a, G: Tensor) -> Tensor:
+def _ghost_sq(gram_a, gram_g, b: int, elems: int) -> Tensor:
     """‖G_iᵀ A_i‖²_F = Σ (A_i A_iᵀ) ⊙ (G_i G_iᵀ) for every i, in example slices that bound the Gram
-    memory; gram_a(s, e) gives A_i A_iᵀ for examples s..e-1."""
-    b, t = G.shape[0], G.shape[1]
-    step = max(1, _GRAM_BUDGET // max(1, t * t))
-    out = []
-    for s in range(0, b, step):
-        g = G[s:s + step]
-        out.append((gram_a(s, s + g.shape[0]) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)))
-    return torch.cat(out)
+    memory (`elems` per example); gram_a(s, e) / gram_g(s, e) give the Grams of examples s..e-1."""
+    step = max(1, _GRAM_BUDGET // max(1, elems))
+    return torch.cat([gram_a(s, min(s + step, b)).mul_(gram_g(s, min(s + step, b))).sum((1, 2))
+                      for s in range(0, b, step)])
 
 
 class Tap(torch.autograd.Function):
