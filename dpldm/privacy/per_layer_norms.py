@@ -154,9 +154,11 @@ class Site:
         """A_i A_iᵀ [b, K·L, K·L] of a k×k conv's unfolded input (L = ho·wo receptive fields per row,
         an example's K rows' together), without unfolding, the cheaper of two ways (`conv_gram_costs`):
           - "pixels": the Gram F = X_iᵀ X_i of the padded input's pixels (X_i [C, K·Hp·Wp], a view for
-            K = 1); the receptive fields at (y, x) and (y', x') then have the inner product
-            Σ_{i,j} F[(y·sh + i·dh, x·sw + j·dw), (y'·sh + i·dh, x'·sw + j·dw)]: kh·kw strided sub-blocks
-            of F added;
+            K = 1). With pixels numbered row-major (p = y·Wp + x), the receptive field at grid position q
+            covers pixels q + s for the kernel shifts s = i·dh·Wp + j·dw, so the fields at q and q' have
+            the inner product Σ_s F[q + s, q' + s]: kh·kw diagonal shifts of F, each a slice whose rows
+            are contiguous, added over the grid positions q < Lq (up to the last output's); the outputs
+            are the grid positions (y·sh·Wp + x·sw), picked at the end by one strided view;
           - "offsets": per kernel offset, the strided slice of the padded input it multiplies (a copy) and
             its Gram, summed."""
         m = self.module
@@ -165,16 +167,20 @@ class Site:
         k = n // b
         ap = self._padded(a)
         hp, wp = ap.shape[2], ap.shape[3]
+        pixels, offsets = self.conv_gram_costs(k, c, hp, wp, ho, wo)
+        if self.gram_way == "pixels" or (self.gram_way == "auto" and pixels <= offsets):
+            f = self.token_gram(self.examples(ap.reshape(n, c, -1), b)).view(b, k, hp * wp, k, hp * wp)
+            lq = (ho - 1) * sh * wp + (wo - 1) * sw + 1
+            shifts = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+            gram = f[:, :, :lq, :, :lq].clone(memory_format=torch.contiguous_format)     # shift 0
+            for s in shifts[1:]:
+                gram += f[:, :, s:s + lq, :, s:s + lq]
+            st = gram.stride()                                          # [b, K, Lq, K, Lq], contiguous
+            out = gram.as_strided((b, k, ho, wo, k, ho, wo),
+                                  (st[0], st[1], sh * wp * st[2], sw * st[2], st[3], sh * wp, sw))
+            return out.reshape(b, k * ho * wo, -1)
         ry = [slice(i * dh, i * dh + (ho - 1) * sh + 1, sh) for i in range(kh)]
         rx = [slice(j * dw, j * dw + (wo - 1) * sw + 1, sw) for j in range(kw)]
-        pixels, offsets = self.conv_gram_costs(k, c, hp * wp, ho * wo)
-        if self.gram_way == "pixels" or (self.gram_way == "auto" and pixels <= offsets):
-            f = self.token_gram(self.examples(ap.reshape(n, c, -1), b)).view(b, k, hp, wp, k, hp, wp)
-            gram = torch.zeros((b, k, ho, wo, k, ho, wo), dtype=f.dtype, device=f.device)
-            for i in range(kh):
-                for j in range(kw):
-                    gram += f[:, :, ry[i], rx[j], :, ry[i], rx[j]]
-            return gram.view(b, k * ho * wo, -1)
         gram = None
         for i in range(kh):
             for j in range(kw):
@@ -184,13 +190,19 @@ class Site:
         return gram
 
     # Cost model, in multiply-add equivalents per example, fitted to 1-thread CPU timings of the layer
-    # shapes of the quickstart and SD-layout U-Nets (bmm ≈ 0.04 ns per multiply-add): a strided add of
-    # a 7-d view of F costs ~20, an element copied by a kernel-offset slice ~33 (with its per-op
-    # overhead), an element of a materialised k×k conv gradient ~60 (stacked, summed, squared).
-    def conv_gram_costs(self, k: int, c: int, lp: int, lo: int) -> tuple[int, int]:
-        """conv_gram's ("pixels", "offsets") costs for K rows of C channels, Lp padded pixels, L outputs."""
-        kk = self.module.kernel_size[0] * self.module.kernel_size[1]
-        return (k * lp) ** 2 * c + 20 * kk * (k * lo) ** 2, kk * k * lo * c * (k * lo + 33)
+    # shapes of the quickstart and SD-layout U-Nets (bmm ≈ 0.04 ns per multiply-add): an element of a
+    # shifted slice added costs ~6, one picked by the final strided view ~20, an element copied by a
+    # kernel-offset slice ~50 (with its per-op overhead), an element of a materialised k×k conv
+    # gradient ~60 (stacked, summed, squared).
+    def conv_gram_costs(self, k: int, c: int, hp: int, wp: int, ho: int, wo: int) -> tuple[int, int]:
+        """conv_gram's ("pixels", "offsets") costs for K rows of C channels, a padded input Hp×Wp and
+        ho×wo outputs."""
+        m = self.module
+        kk = m.kernel_size[0] * m.kernel_size[1]
+        lq = (ho - 1) * m.stride[0] * wp + (wo - 1) * m.stride[1] + 1
+        lo = ho * wo
+        return ((k * hp * wp) ** 2 * c + 6 * kk * (k * lq) ** 2 + 20 * (k * lo) ** 2,
+                kk * k * lo * c * (k * lo + 50))
 
     def costs(self, a: Tensor, g: Tensor, b: int) -> tuple[int, int]:
         """The weight's (ghost, materialised) forms' costs per example, by the model above. For a Linear
@@ -199,10 +211,10 @@ class Site:
         k = a.shape[0] // b
         if self.kind == "conv" and not self.pointwise():
             (ph, pw), (kh, kw) = self.module.padding, self.module.kernel_size
-            c, o, lo = a.shape[1], g.shape[1], g.shape[2] * g.shape[3]
-            lp = (a.shape[2] + 2 * ph) * (a.shape[3] + 2 * pw)
-            ghost = min(self.conv_gram_costs(k, c, lp, lo)) + (k * lo) ** 2 * o
-            return ghost, kh * kw * c * o * (k * lp + 60)
+            c, o, ho, wo = a.shape[1], g.shape[1], g.shape[2], g.shape[3]
+            hp, wp = a.shape[2] + 2 * ph, a.shape[3] + 2 * pw
+            ghost = min(self.conv_gram_costs(k, c, hp, wp, ho, wo)) + (k * ho * wo) ** 2 * o
+            return ghost, kh * kw * c * o * (k * hp * wp + 60)
         w = self.module.weight
         d_out, d_in, t = w.shape[0], w[0].numel(), g[0].numel() // w.shape[0]
         return k * k * t * t * (d_in + d_out), 2 * k * t * d_in * d_out
