@@ -111,6 +111,8 @@ def test_matches_torch_func_for_every_adapter_kind(model, kind):
                                      rows_per_example=2)
     assert_same(got, ref)
     assert not plan_sites(unet, params).fallback and supports(unet, params)
+    sums = got[0].values()                                  # owned, contiguous tensors (all-reduced in place)
+    assert all(v.is_contiguous() for v in sums) and len({v.data_ptr() for v in sums}) == len(sums)
 
 
 @pytest.mark.parametrize("model,kind", [("quickstart", "loda"), ("quickstart", "attention"), ("sd_layout", "full"),

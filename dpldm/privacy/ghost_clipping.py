@@ -191,7 +191,7 @@ def ghost_clipped_grad_sum(module: nn.Module, params: Mapping[str, Tensor], loss
     group_clip = None if max_grad_norm is None else max_grad_norm / np.sqrt(n_groups)
     leaves = {k: v.detach() for k, v in params.items()}
     acc = {k: torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype for k, v in leaves.items()}
-    grad_sum = {k: torch.zeros_like(v, dtype=acc[k]) for k, v in leaves.items()}
+    grad_sum: dict[str, Tensor | None] = dict.fromkeys(leaves)      # set by the first contribution
     device = next(iter(leaves.values())).device if leaves else torch.device("cpu")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     norm_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -222,15 +222,16 @@ def ghost_clipped_grad_sum(module: nn.Module, params: Mapping[str, Tensor], loss
                           GhostClippingNotice, stacklevel=2)
         if valid and losses.requires_grad:
             torch.autograd.grad(losses.sum(), [anchor], retain_graph=reweight, allow_unused=True)
-        sq = torch.zeros(n_groups, b, dtype=torch.float32, device=device)
+        parts: list[list[Tensor]] = [[] for _ in range(n_groups)]          # squared norms [b] per group
         for s in valid:
             s.finish_norms()
             for role, nm in s.roles.items():
                 if role in s.sq:
-                    sq[group_of[nm]] += s.sq[role].to(device)
+                    parts[group_of[nm]].append(s.sq[role].to(device, torch.float32))
         fb = _fallback_grads(loss_fn, leaves, fb_names, chunk) if fb_names else {}
         for nm, g in fb.items():
-            sq[group_of[nm]] += g.reshape(b, -1).float().pow(2).sum(1)
+            parts[group_of[nm]].append(g.reshape(b, -1).float().pow(2).sum(1))
+        sq = torch.stack([torch.stack(p).sum(0) if p else torch.zeros(b, device=device) for p in parts])
         group_norms = sq.sqrt()
         good = torch.isfinite(group_norms).all(0)
         all_good = bool(good.all())
@@ -242,19 +243,27 @@ def ghost_clipped_grad_sum(module: nn.Module, params: Mapping[str, Tensor], loss
             over = (group_norms > group_clip).any(0)
         factor = torch.where(good, factor, torch.zeros((), device=device))
         mask = None if all_good else good
+        factors = factor.unbind(0)                                           # per group, [b]
+
+        def add(nm: str, g: Tensor, owned: bool = True) -> None:
+            # the first micro-batch's sum is kept as it is (a fresh result: `owned`), later ones added in
+            g = g.reshape(leaves[nm].shape).to(acc[nm])
+            if grad_sum[nm] is not None:
+                grad_sum[nm].add_(g)
+            else:
+                grad_sum[nm] = g.contiguous() if owned else g.clone(memory_format=torch.contiguous_format)
         if reweight:
             state["active"] = False
-            _reweighted_sum(loss_fn, hooked_leaves, losses, factor[0], good, all_good, chunk, valid, grad_sum)
+            _reweighted_sum(loss_fn, hooked_leaves, losses, factors[0], good, all_good, chunk, valid, add)
         else:
             for s in valid:
                 for role, nm in s.roles.items():
                     if role in s.sq:
-                        g = s.clipped_sum(role, factor[group_of[nm]], mask)
-                        grad_sum[nm] += g.reshape(grad_sum[nm].shape).to(acc[nm])
+                        add(nm, s.clipped_sum(role, factors[group_of[nm]], mask))
         for nm, g in fb.items():
             if mask is not None:
                 g = torch.where(mask.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=device))
-            grad_sum[nm] += torch.einsum("b,b...->...", factor[group_of[nm]].to(acc[nm]), g.to(acc[nm]))
+            add(nm, torch.einsum("b,b...->...", factors[group_of[nm]].to(acc[nm]), g.to(acc[nm])))
         for s in plan.sites:
             s.reset()
         lv = losses.detach().to(torch.float64)
@@ -264,10 +273,10 @@ def ghost_clipped_grad_sum(module: nn.Module, params: Mapping[str, Tensor], loss
         norm_sum += torch.where(good, norms, zero64).sum()
         clipped += (over | ~good).sum()
     stats = {"n": n, "loss_sum": float(loss_sum), "grad_norm_sum": float(norm_sum), "clipped": int(clipped)}
-    return grad_sum, stats
+    return {k: torch.zeros_like(leaves[k], dtype=acc[k]) if g is None else g for k, g in grad_sum.items()}, stats
 
 
-def _reweighted_sum(loss_fn, leaves, losses, factor, good, all_good, chunk, valid, grad_sum) -> None:
+def _reweighted_sum(loss_fn, leaves, losses, factor, good, all_good, chunk, valid, add) -> None:
     """Ghost clipping's second backward: ∇ Σ_i f_i·loss_i for the hooked parameters (flat clipping).
     A micro-batch with a non-finite example recomputes its good examples only (NaN·0 is NaN)."""
     names = [nm for s in valid for role, nm in s.roles.items() if role in s.sq]
@@ -283,4 +292,4 @@ def _reweighted_sum(loss_fn, leaves, losses, factor, good, all_good, chunk, vali
                                 allow_unused=True)
     for nm, g in zip(names, grads):
         if g is not None:
-            grad_sum[nm] += g.to(grad_sum[nm].dtype)
+            add(nm, g, owned=False)                 # autograd's result may be an expanded view

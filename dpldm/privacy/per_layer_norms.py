@@ -313,7 +313,7 @@ class Site:
                 p = torch.where(good.view(-1, *([1] * (p.dim() - 1))), p, torch.zeros((), dtype=p.dtype,
                                                                                        device=p.device))
             s = (factor.to(p.dtype) @ p.reshape(p.shape[0], -1)).view(p.shape[1:])
-            return s.transpose(0, 1) if role in self.transposed else s
+            return s.transpose(0, 1).contiguous() if role in self.transposed else s
         (a, g), = self.stored                              # ghost form: one call, book-keeping
         b = factor.shape[0]
         k = a.shape[0] // b
@@ -332,30 +332,31 @@ class Site:
             return torch.nn.grad.conv2d_weight(a, m.weight.shape, g, stride=m.stride, padding=m.padding,
                                                dilation=m.dilation, groups=1)
         a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-        return g.t() @ a if g.shape[1] <= a.shape[1] else (a.t() @ g).t()     # the wide product (weight_product)
+        return g.t() @ a if g.shape[1] <= a.shape[1] else (a.t() @ g).t().contiguous()   # the wide product
 
 
 def _ghost_sq(gram_a, gram_g, b: int, elems: int) -> Tensor:
     """‖G_iᵀ A_i‖²_F = Σ (A_i A_iᵀ) ⊙ (G_i G_iᵀ) for every i, in example slices that bound the Gram
     memory (`elems` per example); gram_a(s, e) / gram_g(s, e) give the Grams of examples s..e-1."""
     step = max(1, _GRAM_BUDGET // max(1, elems))
-    return torch.cat([gram_a(s, min(s + step, b)).mul_(gram_g(s, min(s + step, b))).sum((1, 2))
-                      for s in range(0, b, step)])
+    parts = [gram_a(s, min(s + step, b)).mul_(gram_g(s, min(s + step, b))).sum((1, 2)) for s in range(0, b, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class Tap(torch.autograd.Function):
     """Identity on a layer's output whose backward hands the output gradient to a callback.
 
     The `anchor` (a scalar leaf) makes every tapped output reachable by one
-    `torch.autograd.grad(loss, anchor)`, which computes no parameter gradient at all.
+    `torch.autograd.grad(loss, anchor, allow_unused=True)`, which computes no parameter gradient at
+    all (nor one for the anchor: the tap returns None for it, which autograd reads as zero).
     """
 
     @staticmethod
     def forward(ctx, out: Tensor, anchor: Tensor, callback) -> Tensor:
-        ctx.callback, ctx.anchor_dtype = callback, anchor.dtype
+        ctx.callback = callback
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         ctx.callback(grad)
-        return grad, torch.zeros((), dtype=ctx.anchor_dtype, device=grad.device), None
+        return grad, None, None
