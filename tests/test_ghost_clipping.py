@@ -153,9 +153,10 @@ def test_both_norm_forms_and_sum_modes_on_every_layer_type(form, sum_mode):
                                       dict(kernel_size=2)])
 @pytest.mark.parametrize("c,o", [(5, 3), (3, 6)])                  # out < in and out > in (the wide product)
 def test_conv_per_example_gradient_and_gram_match_unfold(geometry, c, o):
-    """The k×k conv paths against im2col (F.unfold): the per-example gradient by shifted windows of the
-    flat padded input, the unfolded input's Gram by both ways (pixel Gram + shifted blocks, per-offset
-    slices), and the squared norms of both forms; K = 2 rows per example, a non-square input."""
+    """The k×k conv paths against im2col (F.unfold): the per-example gradient by both ways (shifted
+    copies of the output gradient, shifted windows of the flat padded input), the unfolded input's Gram
+    by both ways (diagonal shifts of the pixel Gram, per-offset slices), and the squared norms of both
+    forms; K = 2 rows per example, a non-square input."""
     b, k = 3, 2
     torch.manual_seed(0)
     conv = nn.Conv2d(c, o, bias=False, **geometry)
@@ -167,9 +168,9 @@ def test_conv_per_example_gradient_and_gram_match_unfold(geometry, c, o):
     gt = g.reshape(b, k, o, n_out).transpose(1, 2).reshape(b, o, k * n_out)
     ref = (gt @ u.transpose(1, 2)).reshape(b, o, c, kh, kw)
     site = Site("conv", conv, "conv", {"weight": "conv.weight"})
-    p, transposed = site.conv_per_example(a, g, b)
-    assert transposed == (o > c)
-    assert torch.allclose(p.transpose(1, 2) if transposed else p, ref, atol=1e-4)
+    p, layout = site.conv_per_example(a, g, b)                  # two ways, by out ≤ in
+    assert layout == ((1, 0, 2, 3) if o > c else (0, 3, 1, 2))
+    assert torch.allclose(p.permute(0, *(d + 1 for d in layout)), ref, atol=1e-4)
     for way in ("pixels", "offsets"):
         site.gram_way = way
         assert torch.allclose(site.conv_gram(a, b, g.shape[2], g.shape[3]), u.transpose(1, 2) @ u, atol=1e-3)

@@ -60,9 +60,9 @@ class Site:
 
     roles: parameter role ('weight'/'bias') -> the trainable parameter's name in `params`.
     Per micro-batch: `inputs` holds each call's input; the backward tap fills `sq` (role -> [b]
-    squared norms), `per_example` (role -> [b, ...] materialised gradients; a role in `transposed`
-    holds a weight's [b, d_in, d_out] instead of [b, d_out, d_in]) and `stored` (the raw (input,
-    output-gradient) pair of a ghost-form weight, for the book-keeping sum).
+    squared norms), `per_example` (role -> [b, ...] materialised gradients, in the parameter's layout
+    or, for a role in `layout`, in one whose permutation by layout[role] is the parameter's) and
+    `stored` (the raw (input, output-gradient) pair of a ghost-form weight, for the book-keeping sum).
     """
     name: str
     module: nn.Module
@@ -73,12 +73,12 @@ class Site:
     inputs: list = field(default_factory=list)
     sq: dict = field(default_factory=dict)
     per_example: dict = field(default_factory=dict)
-    transposed: set = field(default_factory=set)
+    layout: dict = field(default_factory=dict)
     stored: list = field(default_factory=list)
     valid: bool = True
 
     def reset(self) -> None:
-        self.inputs, self.sq, self.per_example, self.transposed, self.stored, self.valid = [], {}, {}, set(), [], True
+        self.inputs, self.sq, self.per_example, self.layout, self.stored, self.valid = [], {}, {}, {}, [], True
 
     # -- shapes ---------------------------------------------------------------------------------
     def pointwise(self) -> bool:
@@ -122,19 +122,24 @@ class Site:
         ph, pw = self.module.padding
         return F.pad(a.float(), (pw, pw, ph, ph)) if (ph or pw) else a.float()
 
-    def conv_per_example(self, a: Tensor, g: Tensor, b: int) -> tuple[Tensor, bool]:
-        """Per-example weight gradients [b, out, in, kh, kw] of a k×k conv (or [b, in, out, kh, kw] and
-        True when out > in, the wide product as in `weight_product`):
-            P[o, c, i, j] = Σ_{y,x} g[o, y, x] · a_pad[c, y·sh + i·dh, x·sw + j·dw]   (summed over the K rows).
-        With a_pad flattened row-major (width Wp) and g laid on the same grid (g[o, y, x] at y·sh·Wp + x·sw,
-        zeros elsewhere), kernel offset (i, j) is a shift by i·dh·Wp + j·dw of the flat input: a window
-        of it that is a strided view, so each offset is one bmm on views (no im2col, no copies)."""
+    def conv_per_example(self, a: Tensor, g: Tensor, b: int) -> tuple[Tensor, tuple[int, ...]]:
+        """Per-example weight gradients of a k×k conv, summed over each example's K rows,
+            P[o, c, i, j] = Σ_{y,x} g[o, y, x] · a_pad[c, y·sh + i·dh, x·sw + j·dw],
+        as [b, out, kh, kw, in] when out ≤ in, else [b, in, out, kh, kw] (the wide products, as in
+        `weight_product`), with the permutation of one example's to the weight's [out, in, kh, kw].
+        With a_pad flattened row-major (width Wp) and g laid on the same grid (g[o, y, x] at position
+        y·sh·Wp + x·sw, zeros elsewhere), kernel offset (i, j) is a shift by s = i·dh·Wp + j·dw along
+        the flat input; so, without im2col:
+          - out ≤ in: the kh·kw copies of the (small) gridded g, each shifted by its s, stacked into
+            [out·kh·kw, Hp·Wp], times the flat input: one bmm;
+          - out > in: per offset, gridded g times the window of the flat input that starts at s (a
+            view): kh·kw bmm on views."""
         m = self.module
         (sh, sw), (dh, dw), (kh, kw) = m.stride, m.dilation, m.kernel_size
         n, c, o, ho, wo = a.shape[0], a.shape[1], g.shape[1], g.shape[2], g.shape[3]
         ap = self._padded(a)
-        wp = ap.shape[3]
-        x = ap.reshape(n, c, -1)                                               # [N, C, Hp·Wp]
+        lp, wp = ap.shape[2] * ap.shape[3], ap.shape[3]
+        x = ap.reshape(n, c, lp)                                               # [N, C, Hp·Wp]
         hq = (ho - 1) * sh + 1
         if sh == sw == 1:
             gq = F.pad(g.float(), (0, wp - wo))                                # [N, out, ho, Wp]
@@ -143,12 +148,17 @@ class Site:
             gq[:, :, ::sh, :(wo - 1) * sw + 1:sw] = g
         lq = (hq - 1) * wp + (wo - 1) * sw + 1                                 # up to g's last position
         gq = gq.reshape(n, o, -1)[:, :, :lq]
-        windows = [x[:, :, s:s + lq] for s in (i * dh * wp + j * dw for i in range(kh) for j in range(kw))]
-        transposed = o > c
-        out = torch.stack([torch.bmm(xs, gq.transpose(1, 2)) if transposed else torch.bmm(gq, xs.transpose(1, 2))
-                           for xs in windows], -1)
-        out = out.reshape(n, *out.shape[1:3], kh, kw)
-        return (out if n == b else out.reshape(b, n // b, *out.shape[1:]).sum(1)), transposed
+        shifts = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+        if o <= c:
+            gs = gq.new_zeros((n, o, kh * kw, lp))
+            for k, s in enumerate(shifts):
+                gs[:, :, k, s:s + lq] = gq
+            out = torch.bmm(gs.view(n, -1, lp), x.transpose(1, 2)).view(n, o, kh, kw, c)
+            layout = (0, 3, 1, 2)
+        else:
+            out = torch.stack([torch.bmm(x[:, :, s:s + lq], gq.transpose(1, 2)) for s in shifts], -1)
+            out, layout = out.view(n, c, o, kh, kw), (1, 0, 2, 3)
+        return (out if n == b else out.reshape(b, n // b, *out.shape[1:]).sum(1)), layout
 
     def conv_gram(self, a: Tensor, b: int, ho: int, wo: int) -> Tensor:
         """A_i A_iᵀ [b, K·L, K·L] of a k×k conv's unfolded input (L = ho·wo receptive fields per row,
@@ -260,7 +270,7 @@ class Site:
                 p = p.reshape(b, -1, *p.shape[1:]).sum(1)
             else:
                 p, t = self.weight_product(self.examples(a_rows, b), self.examples(g_rows, b))
-            self._add_per_example("weight", p, t)
+            self._add_per_example("weight", p, (1, 0) if t else None)
             return
         G = self.examples(g_rows, b)
         gram_g = lambda s, e: self.token_gram(G[s:e])
@@ -277,11 +287,11 @@ class Site:
         if keep:
             self.stored.append((a, g))
 
-    def _add_per_example(self, role: str, p: Tensor, transposed: bool = False) -> None:
+    def _add_per_example(self, role: str, p: Tensor, layout: tuple[int, ...] | None = None) -> None:
         prev = self.per_example.get(role)
         self.per_example[role] = p if prev is None else prev + p
-        if transposed:
-            self.transposed.add(role)
+        if layout is not None:
+            self.layout[role] = layout
 
     def _norm_layer(self, x: Tensor, g: Tensor, b: int, k: int) -> None:
         m = self.module
@@ -313,7 +323,7 @@ class Site:
                 p = torch.where(good.view(-1, *([1] * (p.dim() - 1))), p, torch.zeros((), dtype=p.dtype,
                                                                                        device=p.device))
             s = (factor.to(p.dtype) @ p.reshape(p.shape[0], -1)).view(p.shape[1:])
-            return s.transpose(0, 1).contiguous() if role in self.transposed else s
+            return s.permute(self.layout[role]).contiguous() if role in self.layout else s
         (a, g), = self.stored                              # ghost form: one call, book-keeping
         b = factor.shape[0]
         k = a.shape[0] // b
