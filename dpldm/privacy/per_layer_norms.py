@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from dpldm.models.loda import AdaptedLayer
 
 _GRAM_BUDGET = 1 << 24          # elements of one (A Aᵀ, G Gᵀ) slice in the ghost form
+_MATERIALISE_BUDGET = 1 << 21   # elements of a layer's per-example weight gradients (auto form)
 
 
 def site_kind(module: nn.Module) -> str | None:
@@ -215,27 +216,33 @@ class Site:
                 kk * k * lo * c * (k * lo + 50))
 
     def costs(self, a: Tensor, g: Tensor, b: int) -> tuple[int, int]:
-        """The weight's (ghost, materialised) forms' costs per example, by the model above. For a Linear
-        or 1×1 conv, multiply-adds with the materialised form's counted twice: its batched products
-        (with b·d_out·d_in to write) ran at about half the speed per multiply-add of the Grams."""
+        """The weight's (ghost, materialised) forms' costs per example, each with its share of the
+        clipped sum: the ghost form's is the book-keeping weight-gradient product (K·T·d_in·d_out; for
+        a k×k conv with few outputs, conv2d_weight runs several times slower per multiply-add), the
+        materialised form's a weighted sum of the per-example gradients it has anyway. For a Linear or
+        1×1 conv, the materialised product (b·d_out·d_in to write) counts 1.5 per multiply-add."""
         k = a.shape[0] // b
         if self.kind == "conv" and not self.pointwise():
             (ph, pw), (kh, kw) = self.module.padding, self.module.kernel_size
             c, o, ho, wo = a.shape[1], g.shape[1], g.shape[2], g.shape[3]
             hp, wp = a.shape[2] + 2 * ph, a.shape[3] + 2 * pw
-            ghost = min(self.conv_gram_costs(k, c, hp, wp, ho, wo)) + (k * ho * wo) ** 2 * o
+            ghost = (min(self.conv_gram_costs(k, c, hp, wp, ho, wo)) + (k * ho * wo) ** 2 * o
+                     + kh * kw * k * ho * wo * c * (o + 16))
             return ghost, kh * kw * c * o * (k * hp * wp + 60)
         w = self.module.weight
         d_out, d_in, t = w.shape[0], w[0].numel(), g[0].numel() // w.shape[0]
-        return k * k * t * t * (d_in + d_out), 2 * k * t * d_in * d_out
+        return k * k * t * t * (d_in + d_out) + k * t * d_in * d_out, 3 * k * t * d_in * d_out // 2
 
-    @staticmethod
-    def choose_form(ghost_cost: int, materialise_cost: int, forced: str) -> str:
-        """The cheaper form by `costs` (ties: ghost, which keeps only the layer's input and output
-        gradient, not b·d_in·d_out); `forced` ('ghost' / 'materialise') overrides."""
+    def choose_form(self, a: Tensor, g: Tensor, b: int, forced: str) -> str:
+        """The cheaper form by `costs`, materialised only while the micro-batch's per-example gradients
+        stay within _MATERIALISE_BUDGET elements (beyond the caches, writing them ran ten times slower
+        than the model says, and they are memory the ghost form does not need); `forced` ('ghost' /
+        'materialise') overrides."""
         if forced in ("ghost", "materialise"):
             return forced
-        return "ghost" if ghost_cost <= materialise_cost else "materialise"
+        ghost, materialise = self.costs(a, g, b)
+        small = b * self.module.weight.numel() <= _MATERIALISE_BUDGET
+        return "materialise" if small and materialise < ghost else "ghost"
 
     # -- backward tap ---------------------------------------------------------------------------
     def on_grad(self, call: int, g: Tensor, b: int, keep: bool, forced: str) -> None:
@@ -258,7 +265,7 @@ class Site:
             self._add_per_example("bias", bias if bias.shape[0] == b else bias.reshape(b, -1, bias.shape[1]).sum(1))
         if "weight" not in self.roles:
             return
-        form = self.form = self.choose_form(*self.costs(a, g, b), forced)
+        form = self.form = self.choose_form(a, g, b, forced)
         kxk = self.kind == "conv" and not self.pointwise()
         if form == "materialise" or len(self.inputs) > 1:    # several calls: cross terms, so materialise
             if kxk:
