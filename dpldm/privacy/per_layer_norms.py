@@ -164,8 +164,9 @@ class Site:
     def conv_gram(self, a: Tensor, b: int, ho: int, wo: int) -> Tensor:
         """A_i A_iᵀ [b, K·L, K·L] of a k×k conv's unfolded input (L = ho·wo receptive fields per row,
         an example's K rows' together), without unfolding, the cheaper of two ways (`conv_gram_costs`):
-          - "pixels": the Gram F = X_iᵀ X_i of the padded input's pixels (X_i [C, K·Hp·Wp], a view for
-            K = 1). With pixels numbered row-major (p = y·Wp + x), the receptive field at grid position q
+          - "pixels": the Gram F = X_iᵀ X_i of the padded input's pixels (X_i [C, K·Hp·Wp]), computed
+            on the input's own pixels (a view for K = 1) and zero-padded, since a padding pixel is zero
+            in every channel. With pixels numbered row-major (p = y·Wp + x), the receptive field at grid position q
             covers pixels q + s for the kernel shifts s = i·dh·Wp + j·dw, so the fields at q and q' have
             the inner product Σ_s F[q + s, q' + s]: kh·kw diagonal shifts of F, each a slice whose rows
             are contiguous, added over the grid positions q < Lq (up to the last output's); the outputs
@@ -173,14 +174,17 @@ class Site:
           - "offsets": per kernel offset, the strided slice of the padded input it multiplies (a copy) and
             its Gram, summed."""
         m = self.module
-        (sh, sw), (dh, dw), (kh, kw) = m.stride, m.dilation, m.kernel_size
-        n, c = a.shape[0], a.shape[1]
+        (sh, sw), (dh, dw), (kh, kw), (ph, pw) = m.stride, m.dilation, m.kernel_size, m.padding
+        n, c, h, w = a.shape
         k = n // b
-        ap = self._padded(a)
-        hp, wp = ap.shape[2], ap.shape[3]
-        pixels, offsets = self.conv_gram_costs(k, c, hp, wp, ho, wo)
+        hp, wp = h + 2 * ph, w + 2 * pw
+        pixels, offsets = self.conv_gram_costs(k, c, h, w, ho, wo)
         if self.gram_way == "pixels" or (self.gram_way == "auto" and pixels <= offsets):
-            f = self.token_gram(self.examples(ap.reshape(n, c, -1), b)).view(b, k, hp * wp, k, hp * wp)
+            f = self.token_gram(self.examples(self.rows(a), b)).view(b, k, h, w, k, h, w)
+            if ph or pw:
+                f, f0 = f.new_zeros((b, k, hp, wp, k, hp, wp)), f
+                f[:, :, ph:ph + h, pw:pw + w, :, ph:ph + h, pw:pw + w] = f0
+            f = f.view(b, k, hp * wp, k, hp * wp)
             lq = (ho - 1) * sh * wp + (wo - 1) * sw + 1
             shifts = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
             gram = f[:, :, :lq, :, :lq].clone(memory_format=torch.contiguous_format)     # shift 0
@@ -190,6 +194,7 @@ class Site:
             out = gram.as_strided((b, k, ho, wo, k, ho, wo),
                                   (st[0], st[1], sh * wp * st[2], sw * st[2], st[3], sh * wp, sw))
             return out.reshape(b, k * ho * wo, -1)
+        ap = self._padded(a)
         ry = [slice(i * dh, i * dh + (ho - 1) * sh + 1, sh) for i in range(kh)]
         rx = [slice(j * dw, j * dw + (wo - 1) * sw + 1, sw) for j in range(kw)]
         gram = None
@@ -205,14 +210,14 @@ class Site:
     # shifted slice added costs ~6, one picked by the final strided view ~20, an element copied by a
     # kernel-offset slice ~50 (with its per-op overhead), an element of a materialised k×k conv
     # gradient ~60 (stacked, summed, squared).
-    def conv_gram_costs(self, k: int, c: int, hp: int, wp: int, ho: int, wo: int) -> tuple[int, int]:
-        """conv_gram's ("pixels", "offsets") costs for K rows of C channels, a padded input Hp×Wp and
-        ho×wo outputs."""
+    def conv_gram_costs(self, k: int, c: int, h: int, w: int, ho: int, wo: int) -> tuple[int, int]:
+        """conv_gram's ("pixels", "offsets") costs for K rows of C channels, an h×w input, ho×wo outputs."""
         m = self.module
         kk = m.kernel_size[0] * m.kernel_size[1]
+        hp, wp = h + 2 * m.padding[0], w + 2 * m.padding[1]
         lq = (ho - 1) * m.stride[0] * wp + (wo - 1) * m.stride[1] + 1
         lo = ho * wo
-        return ((k * hp * wp) ** 2 * c + 6 * kk * (k * lq) ** 2 + 20 * (k * lo) ** 2,
+        return ((k * h * w) ** 2 * c + 2 * (k * hp * wp) ** 2 + 6 * kk * (k * lq) ** 2 + 20 * (k * lo) ** 2,
                 kk * k * lo * c * (k * lo + 50))
 
     def costs(self, a: Tensor, g: Tensor, b: int) -> tuple[int, int]:
@@ -226,7 +231,7 @@ class Site:
             (ph, pw), (kh, kw) = self.module.padding, self.module.kernel_size
             c, o, ho, wo = a.shape[1], g.shape[1], g.shape[2], g.shape[3]
             hp, wp = a.shape[2] + 2 * ph, a.shape[3] + 2 * pw
-            ghost = (min(self.conv_gram_costs(k, c, hp, wp, ho, wo)) + (k * ho * wo) ** 2 * o
+            ghost = (min(self.conv_gram_costs(k, c, a.shape[2], a.shape[3], ho, wo)) + (k * ho * wo) ** 2 * o
                      + kh * kw * k * ho * wo * c * (o + 16))
             return ghost, kh * kw * c * o * (k * hp * wp + 60)
         w = self.module.weight
