@@ -32,7 +32,7 @@ from dpldm.recipes.quickstart import (FAST, FULL, Plan, Stage, finetune_cfg, fin
                                       public_set, sampled)
 
 MNIST_TRAIN_N = 60000      # the private set's size in the full quickstart (public knowledge, recorded in its ledger)
-PROXY_SAMPLES = 500        # samples scored per candidate (full plan)
+PROXY_SAMPLES = 500        # samples scored per candidate per 2,000 of the plan's synthetic_n (full plan)
 SCORER_EPOCHS = 15         # the scorer trains on 1,347 real digits: seconds
 PROXY_SEEDS = 3            # downstream CNNs per candidate (seconds each on 500 samples)
 
@@ -44,10 +44,16 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "glyph pretraining": ({"plan.public": "glyphs"}, None),
     # the same DP compute (steps x expected batch), split differently; sigma recalibrated for the new q and steps
     "batch 1024 x 40 steps": ({"plan.expected_batch": 1024, "plan.ft_steps": 40}, None),
+    "2x DP steps": ({"plan.ft_steps": 160}, None),
+    # a longer public pretraining of the U-Net (own folder; the plan's pipeline is left as it is)
+    "U-Net 1,600 steps": ({"plan.unet_steps": 1600}, None),
     # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
     "downstream 4x steps": ({"plan.clf_epochs": 20}, None),
-    "2.5x samples, 4 sampler steps": ({"plan.synthetic_n": 5000, "plan.sample_steps": 4}, None),
+    "2,000 samples at 8 sampler steps": ({"plan.synthetic_n": 2000, "plan.sample_steps": 8}, None),
+    "8 sampler steps": ({"plan.sample_steps": 8}, None),
+    "guidance 1.5": ({}, 1.5),
     "guidance 2": ({}, 2.0),
+    "guidance 3": ({}, 3.0),
     "guidance 4": ({}, 4.0),
     "guidance 8": ({}, 8.0),
     "C = 0.1": ({"privacy.max_grad_norm": 0.1}, None),
@@ -140,7 +146,7 @@ def main(args) -> int:
     if unknown:
         raise DpldmError(f"--candidates: unknown {unknown}; expected some of {list(CANDIDATES)}")
     # samples per candidate: the fast plan's own n; else PROXY_SAMPLES per 2,000 of the plan's synthetic_n
-    proxy_n = lambda p: p.synthetic_n if args.fast else round(PROXY_SAMPLES * p.synthetic_n / FULL.synthetic_n)  # noqa: E731
+    proxy_n = lambda p: p.synthetic_n if args.fast else round(PROXY_SAMPLES * p.synthetic_n / 2000)  # noqa: E731
     timings: dict[str, float] = {}
     plans = {c: split_overrides(plan, CANDIDATES[c][0])[0] for c in names}
     sets = list(dict.fromkeys(public_set(p)[0] for p in plans.values()))
@@ -150,8 +156,12 @@ def main(args) -> int:
     key = lambda p: (p.public, p.public_n, p.ae_steps, p.unet_steps, p.pretrain_batch)  # noqa: E731
     for p in plans.values():
         if key(p) not in pipelines:
-            with Stage(f"pretrain (or reuse) the public pipeline on {p.public}", timings):
-                pipelines[key(p)] = pretrain_public(out, data, p)
+            # another pretraining budget than the plan's: its own folder (never continues the plan's pipeline)
+            budget = (p.public_n, p.ae_steps, p.unet_steps, p.pretrain_batch)
+            other = budget != (plan.public_n, plan.ae_steps, plan.unet_steps, plan.pretrain_batch)
+            suffix = f"-ae{p.ae_steps}-unet{p.unet_steps}-b{p.pretrain_batch}-n{p.public_n}" if other else ""
+            with Stage(f"pretrain (or reuse) the public pipeline on {p.public}{suffix}", timings):
+                pipelines[key(p)] = pretrain_public(out, data, p, suffix)
     with Stage("scorer: CNN on real digits train", timings):
         x_tr, y_tr = load_shards(str(data["digits"]), channels=1, resolution=28)
         x_te, y_te = load_shards(str(data["digits-test"]), channels=1, resolution=28)
