@@ -306,19 +306,21 @@ class Site:
             self.layout[role] = layout
 
     def _norm_layer(self, x: Tensor, g: Tensor, b: int, k: int) -> None:
+        """Per-example gradients of a norm layer's affine parameters: Σ over the example's rows and
+        positions of g ⊙ x̂ (weight) and of g (bias), x̂ the normalised input (recomputed)."""
         m = self.module
         if self.kind == "groupnorm":
             xhat = F.group_norm(x.float(), m.num_groups, eps=m.eps)
-            reduce = lambda t: t.reshape(t.shape[0], t.shape[1], -1).sum(-1)            # [N, C]
+            reduce = lambda t: t.reshape(b, k, t.shape[1], -1).sum((1, 3))            # [b, C]
         else:
             shape = tuple(m.normalized_shape)
             xhat = F.layer_norm(x.float(), shape, eps=m.eps)
-            reduce = lambda t: t.reshape(t.shape[0], -1, *shape).sum(1)               # [N, *shape]
+            reduce = lambda t: t.reshape(b, -1, *shape).sum(1)                         # [b, *shape]
         g = g.float()
         if "weight" in self.roles:
-            self._add_per_example("weight", reduce(g * xhat).reshape(b, k, *m.weight.shape).sum(1))
+            self._add_per_example("weight", reduce(xhat.mul_(g)))
         if "bias" in self.roles:
-            self._add_per_example("bias", reduce(g).reshape(b, k, *m.bias.shape).sum(1))
+            self._add_per_example("bias", reduce(g))
 
     def finish_norms(self) -> None:
         """Squared norms of the materialised per-example gradients (after all calls' backward)."""
