@@ -6,13 +6,17 @@
 The model is the quickstart latent U-Net (UNet2DConditionModel, channels [64, 128], cross-attention
 at the second level, MiniLM-sized 16×384 conditioning) on 8×8×4 latents. One step = the gradient of
 one logical batch of `--batch` examples (K noise draws each), in one micro-batch of `--microbatch`:
-- non-DP: plain backward of the summed diffusion loss (what `privacy.enabled=false` runs),
+- non-DP: plain backward of the summed diffusion loss, the module called directly, as
+  `FinetuneTrainer._plain_grad_sum` (what `privacy.enabled=false` runs); the DP variants call it
+  through `torch.func.functional_call`, as the trainer's DP path does,
 - DP torch.func: `clipped_grad_sum` (vmap(grad)) + `add_noise_and_normalize`, as the trainer runs it,
 - DP opacus hooks: `GradSampleModule` per-row gradients, an example's K rows summed, clipped,
 - DP opacus ghost: opacus' `GradSampleModuleFastGradientClipping` (per-row norms from hooks, then a
   second backward of the reweighted loss); only with K = 1 (its norms are per row, not per example),
 - DP ghost: `ghost_clipped_grad_sum` (dpldm/privacy/ghost_clipping.py), per-layer norms + book-keeping,
 - DP ghost, 2nd bwd: the same norms, clipped sum by a second backward of the reweighted loss.
+Every DP variant includes drawing and adding the noise (`add_noise_and_normalize`); that alone is
+timed too ("noise draw"), since on one CPU thread it is a visible share of the step.
 Timing: one process per kind builds the model once and runs the variants interleaved, round by
 round (load drifts on a shared machine hit all alike); median over `--repeat` rounds after a
 warm-up round. Memory: a fresh process per (kind, variant), growth of peak RSS during its first
@@ -160,7 +164,8 @@ class Setup:
                                                  sum_mode=sum_mode)[0])
 
         self.steps = {"nondp": nondp, "dp": dp, "dp_hooks": dp_hooks, "dp_fgc": dp_fgc, "dp_ghost": dp_ghost,
-                      "dp_ghost_rw": lambda: dp_ghost("reweight")}
+                      "dp_ghost_rw": lambda: dp_ghost("reweight"),
+                      "noise": lambda: noised({n: torch.zeros_like(v) for n, v in params.items()})}
 
     def timed(self, variant: str) -> float:
         cuda = self.device.type == "cuda"
@@ -176,7 +181,7 @@ class Setup:
 def measure_time(kind: str, batch: int, k: int, microbatch: int, repeat: int, threads: int) -> dict:
     """Median step time of every variant, interleaved round by round (so load drifts hit all alike)."""
     setup = Setup(kind, batch, k, microbatch, threads)
-    variants = [v for v in VARIANTS if applies(v, k)]
+    variants = [v for v in VARIANTS if applies(v, k)] + ["noise"]
     times = {v: [] for v in variants}
     for rnd in range(repeat + 1):
         for v in variants:
@@ -227,12 +232,12 @@ def _cell(value, base, unit: str, scale: float) -> str:
 
 def table(results: dict, args) -> str:
     dp = VARIANTS[1:]
-    lines = ["| adapter | trainable params | non-DP step | " + " | ".join(LABELS[v] for v in dp) + " |",
-             "|---" + "|---:" * (len(dp) + 2) + "|"]
+    lines = ["| adapter | trainable params | non-DP step | " + " | ".join(LABELS[v] for v in dp)
+             + " | noise draw (in every DP step) |", "|---" + "|---:" * (len(dp) + 3) + "|"]
     for kind in args.kinds:
         r = results[kind]
         lines.append(f"| {kind} | {r['trainable']:,} | {r['nondp'] * 1e3:.0f} ms | "
-                     + " | ".join(_cell(r.get(v), r["nondp"], "ms", 1e3) for v in dp) + " |")
+                     + " | ".join(_cell(r.get(v), r["nondp"], "ms", 1e3) for v in dp + ["noise"]) + " |")
     lines += ["", "| adapter | non-DP peak mem | " + " | ".join(LABELS[v] for v in dp) + " |",
               "|---" + "|---:" * (len(dp) + 1) + "|"]
     for kind in args.kinds:
@@ -242,12 +247,17 @@ def table(results: dict, args) -> str:
     note = (f"Quickstart U-Net (channels [64, 128], cross-attention at level 2), 8×8×4 latents, batch "
             f"{args.batch}, K={args.k}, micro-batch {args.microbatch}, {args.threads} CPU thread(s); median of "
             f"{args.repeat} interleaved rounds after a warm-up round; first table step time, second peak "
-            f"memory (× = over non-DP). {LABELS['dp']}: `clipped_grad_sum` (torch.func vmap(grad)); "
+            f"memory (× = over non-DP). Non-DP: the module called directly, as the trainer's non-private "
+            f"step (`FinetuneTrainer._plain_grad_sum`); the DP variants run it through "
+            f"`torch.func.functional_call`, as the trainer's DP step. {LABELS['dp']}: `clipped_grad_sum` "
+            f"(torch.func vmap(grad)); "
             f"{LABELS['dp_hooks']}: opacus `GradSampleModule` (an example's K rows' grad samples summed, then "
             f"clipped); {LABELS['dp_fgc']}: opacus `GradSampleModuleFastGradientClipping` (per-row norms, so "
             f"n/a for K > 1); {LABELS['dp_ghost']}: `ghost_clipped_grad_sum`, per-layer norms from activations "
             f"and output gradients + book-keeping sum, one backward; {LABELS['dp_ghost_rw']}: the same norms, "
-            "sum by a second backward of the reweighted loss. All DP variants add the noise once. Peak memory: "
+            "sum by a second backward of the reweighted loss. All DP variants add the noise once "
+            "(`add_noise_and_normalize`, one N(0, σ²C²) draw per trainable parameter); the last column times "
+            "that alone. Peak memory: "
             "growth of peak RSS (CPU) or of max_memory_allocated (GPU) during a first step, in a fresh process. "
             f"Load average at the start of the run: {args.load_start:.1f} on {os.cpu_count()} cores (a shared "
             "machine: timings are noisy). Reproduce: `.venv/bin/python benchmarks/dp_overhead.py`.")
@@ -410,7 +420,7 @@ def main() -> None:
                 r["mem_" + v] = run_child([kind, v], args)["peak_bytes"]
         results[kind] = r
         print(f"{kind:9s} " + "  ".join(f"{v} {r[v] * 1e3:.0f} ms / {r['mem_' + v] / 2**20:.0f} MiB"
-                                        for v in VARIANTS if v in r),
+                                        for v in VARIANTS if v in r) + f"  noise {r['noise'] * 1e3:.0f} ms",
               flush=True)
     text = table(results, args)
     print("\n" + text)
