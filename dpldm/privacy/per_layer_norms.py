@@ -12,11 +12,14 @@ G_iᵀ A_i (the K draws summed, as one per-example gradient), and
     ghost form:        ‖G_iᵀ A_i‖²_F = Σ_{t,s} (A_i A_iᵀ)_{ts} (G_i G_iᵀ)_{ts}   ∝ (K·T)²·(d_in+d_out)
     materialised form: P_i = G_iᵀ A_i, ‖P_i‖² directly                            ∝ K·T·d_in·d_out
 
-`Site.choose_form` takes the cheaper of the two (or a forced one). Biases and norm-layer affine
-parameters (per-example gradient Σ_t G_i, or Σ_t G_i ⊙ x̂_i) are always materialised: they are small.
+`Site.choose_form` takes the cheaper of the two by a cost model fitted on CPU that also counts each
+form's share of the clipped sum (or a forced one). Biases and norm-layer affine parameters
+(per-example gradient Σ_t G_i, or Σ_t G_i ⊙ x̂_i) are always materialised: they are small.
 The clipped sum Σ_i f_i·grad_i is then formed with the factors f (see ghost_clipping.py) either from
 P (materialised) or from the stored raw input/output gradient with each example's rows scaled by f_i
-(the ordinary weight-gradient kernel: "book-keeping"), so nothing of size b·d_in·d_out is built.
+(the ordinary weight-gradient kernel: "book-keeping"), so for a ghost-form weight nothing of size
+b·d_in·d_out is built. A k×k conv never builds A_i either: its Gram and its per-example gradient come
+from shifts along the flattened padded input (`conv_gram`, `conv_per_example`).
 """
 from __future__ import annotations
 
@@ -152,8 +155,8 @@ class Site:
         shifts = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
         if o <= c:
             gs = gq.new_zeros((n, o, kh * kw, lp))
-            for k, s in enumerate(shifts):
-                gs[:, :, k, s:s + lq] = gq
+            for i, s in enumerate(shifts):
+                gs[:, :, i, s:s + lq] = gq
             out = torch.bmm(gs.view(n, -1, lp), x.transpose(1, 2)).view(n, o, kh, kw, c)
             layout = (0, 3, 1, 2)
         else:
@@ -166,11 +169,11 @@ class Site:
         an example's K rows' together), without unfolding, the cheaper of two ways (`conv_gram_costs`):
           - "pixels": the Gram F = X_iᵀ X_i of the padded input's pixels (X_i [C, K·Hp·Wp]), computed
             on the input's own pixels (a view for K = 1) and zero-padded, since a padding pixel is zero
-            in every channel. With pixels numbered row-major (p = y·Wp + x), the receptive field at grid position q
-            covers pixels q + s for the kernel shifts s = i·dh·Wp + j·dw, so the fields at q and q' have
-            the inner product Σ_s F[q + s, q' + s]: kh·kw diagonal shifts of F, each a slice whose rows
-            are contiguous, added over the grid positions q < Lq (up to the last output's); the outputs
-            are the grid positions (y·sh·Wp + x·sw), picked at the end by one strided view;
+            in every channel. With pixels numbered row-major (p = y·Wp + x), the receptive field at
+            grid position q covers pixels q + s for the kernel shifts s = i·dh·Wp + j·dw, so the fields
+            at q and q' have the inner product Σ_s F[q + s, q' + s]: kh·kw diagonal shifts of F, each a
+            slice whose rows are contiguous, added over the grid positions q < Lq (up to the last
+            output's); the outputs are the grid positions y·sh·Wp + x·sw, picked by one strided view;
           - "offsets": per kernel offset, the strided slice of the padded input it multiplies (a copy) and
             its Gram, summed."""
         m = self.module
