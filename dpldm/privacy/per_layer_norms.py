@@ -23,6 +23,7 @@ from shifts along the flattened padded input (`conv_gram`, `conv_per_example`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -238,7 +239,7 @@ class Site:
                      + kh * kw * k * ho * wo * c * (o + 16))
             return ghost, kh * kw * c * o * (k * hp * wp + 60)
         w = self.module.weight
-        d_out, d_in, t = w.shape[0], w[0].numel(), g[0].numel() // w.shape[0]
+        d_out, d_in, t = w.shape[0], math.prod(w.shape[1:]), math.prod(g.shape[1:]) // w.shape[0]
         return k * k * t * t * (d_in + d_out) + k * t * d_in * d_out, 3 * k * t * d_in * d_out // 2
 
     def choose_form(self, a: Tensor, g: Tensor, b: int, forced: str) -> str:
