@@ -230,7 +230,9 @@ class Site:
         a k×k conv with few outputs, conv2d_weight runs several times slower per multiply-add), the
         materialised form's a weighted sum of the per-example gradients it has anyway. For a Linear or
         1×1 conv, the materialised product (b·d_out·d_in to write) counts 2 per multiply-add: alone it
-        ran at 1.5, in the whole step (its output evicting the caches) the ghost form won the ties."""
+        ran at 1.5, in the whole step (its output evicting the caches) the ghost form won the ties; for
+        the same reason a k×k conv's materialised form counts (32 + out)/32 times the model above (its
+        buffers grow with out; fitted on the full fine-tuning step at K = 4)."""
         k = a.shape[0] // b
         if self.kind == "conv" and not self.pointwise():
             (ph, pw), (kh, kw) = self.module.padding, self.module.kernel_size
@@ -238,7 +240,7 @@ class Site:
             hp, wp = a.shape[2] + 2 * ph, a.shape[3] + 2 * pw
             ghost = (min(self.conv_gram_costs(k, c, a.shape[2], a.shape[3], ho, wo)) + (k * ho * wo) ** 2 * o
                      + kh * kw * k * ho * wo * c * (o + 16))
-            return ghost, kh * kw * c * o * (k * hp * wp + 60)
+            return ghost, kh * kw * c * o * (k * hp * wp + 60) * (32 + o) // 32
         w = self.module.weight
         d_out, d_in, t = w.shape[0], math.prod(w.shape[1:]), math.prod(g.shape[1:]) // w.shape[0]
         return k * k * t * t * (d_in + d_out) + k * t * d_in * d_out, 2 * k * t * d_in * d_out
