@@ -43,14 +43,15 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "fashion pretraining": ({"plan.public": "fashion"}, None),
     "glyph pretraining": ({"plan.public": "glyphs"}, None),
     # the same DP compute (steps x expected batch), split differently; sigma recalibrated for the new q and steps
-    "batch 1024 x 40 steps": ({"plan.expected_batch": 1024, "plan.ft_steps": 40}, None),
-    "2x DP steps": ({"plan.ft_steps": 160}, None),
+    "batch 1024 x 80 steps": ({"plan.expected_batch": 1024, "plan.ft_steps": 80}, None),
+    "half the DP steps": ({"plan.ft_steps": 80}, None),   # the earlier plan (80 x 512)
     # a longer public pretraining of the U-Net (own folder; the plan's pipeline is left as it is)
     "U-Net 1,600 steps": ({"plan.unet_steps": 1600}, None),
     # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
     "downstream 4x steps": ({"plan.clf_epochs": 20}, None),
     "2,000 samples at 8 sampler steps": ({"plan.synthetic_n": 2000, "plan.sample_steps": 8}, None),
     "8 sampler steps": ({"plan.sample_steps": 8}, None),
+    "guidance 1": ({}, 1.0),
     "guidance 1.5": ({}, 1.5),
     "guidance 2": ({}, 2.0),
     "guidance 3": ({}, 3.0),
