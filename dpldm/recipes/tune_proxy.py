@@ -100,6 +100,16 @@ def split_overrides(plan: Plan, overrides: dict) -> tuple[Plan, dict]:
             {k: v for k, v in overrides.items() if not k.startswith("plan.")})
 
 
+def pretraining_suffix(candidate: Plan, plan: Plan) -> str:
+    """'' for the plan's own pretraining budget, else a folder suffix naming the candidate's: another budget gets
+    its own public pipeline and never continues (so changes) the plan's."""
+    budget = lambda p: (p.public_n, p.ae_steps, p.unet_steps, p.pretrain_batch)  # noqa: E731
+    if budget(candidate) == budget(plan):
+        return ""
+    c = candidate
+    return f"-ae{c.ae_steps}-unet{c.unet_steps}-b{c.pretrain_batch}-n{c.public_n}"
+
+
 def proxy_epochs(plan: Plan, n: int) -> int:
     """Downstream epochs on n proxy samples that give the quickstart's number of optimizer steps (its clf_epochs
     over its synthetic_n): a classifier of 4x fewer samples trains 4x the epochs, not 4x fewer steps."""
@@ -157,10 +167,7 @@ def main(args) -> int:
     key = lambda p: (p.public, p.public_n, p.ae_steps, p.unet_steps, p.pretrain_batch)  # noqa: E731
     for p in plans.values():
         if key(p) not in pipelines:
-            # another pretraining budget than the plan's: its own folder (never continues the plan's pipeline)
-            budget = (p.public_n, p.ae_steps, p.unet_steps, p.pretrain_batch)
-            other = budget != (plan.public_n, plan.ae_steps, plan.unet_steps, plan.pretrain_batch)
-            suffix = f"-ae{p.ae_steps}-unet{p.unet_steps}-b{p.pretrain_batch}-n{p.public_n}" if other else ""
+            suffix = pretraining_suffix(p, plan)
             with Stage(f"pretrain (or reuse) the public pipeline on {p.public}{suffix}", timings):
                 pipelines[key(p)] = pretrain_public(out, data, p, suffix)
     with Stage("scorer: CNN on real digits train", timings):
