@@ -10,6 +10,7 @@ torch.distributed's env:// rendezvous see the same values.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from dataclasses import dataclass
@@ -102,7 +103,19 @@ def init_distributed(backend: str = "auto") -> DistEnv:
             if key not in os.environ:
                 raise DpldmError(f"{key} is unset: launch with torchrun or srun, or export it")
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size)
+        atexit.register(_shutdown)
     return env
+
+
+def _shutdown() -> None:
+    """At exit: the process group is destroyed explicitly (as torchtitan does at the end of training), not left
+    to destructors that race the other ranks' exit; seen once as a SIGABRT of rank 0 after both ranks had
+    finished the rank-agreement test. Best effort: a rank that already failed must not fail again here."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:   # noqa: BLE001 - at exit there is nothing better to do
+            pass
 
 
 def all_reduce_sum_(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
