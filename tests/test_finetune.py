@@ -2,6 +2,7 @@
 ledger, resume equivalence, budget refusal, NOT PRIVATE markers, the latent cache."""
 import json
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +185,24 @@ def test_quickstart_moves_a_run_made_with_other_settings_aside_with_its_ledger(t
     assert json.loads((again / "privacy.json").read_text())["steps"] == 1
     old, new = adapter_weights(tmp_path / "run.stale-1"), adapter_weights(again)       # trained afresh at lr 3e-2
     assert any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_quickstart_moves_a_run_aside_when_its_pretrained_weights_changed(tmp_path, assets):
+    """Same config, same pipeline folder, another pretraining budget written there: the old fine-tune (and its
+    samples) must not be resumed and reported as if it came from the new weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dpldm.recipes.quickstart import finetuned
+    pipe, shards = assets
+    pipe = Path(shutil.copytree(pipe, tmp_path / "pipe"))
+    cfg = finetune_config(tmp_path, pipe, shards, **{"train.steps": 1})
+    first = finetuned(cfg)
+    assert finetuned(cfg) == first and not (tmp_path / "run.stale-1").exists()       # same weights: resumed
+    weights = next((pipe / "unet").glob("*.safetensors"))
+    save_file({k: v + 0.01 for k, v in load_file(str(weights)).items()}, str(weights))   # "pretrained longer"
+    assert finetuned(cfg) == first and (tmp_path / "run.stale-1" / "privacy.json").is_file()
 
 
 def test_an_rgb_pipeline_fine_tunes_on_gray_shards_whatever_the_preset_says(tmp_path, assets, capsys):

@@ -14,6 +14,7 @@ and what the (ε, δ) does not cover.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class Plan:
 
 # Downstream protocol (fixed on public data, docs/results.md): 10,000 synthetic images x 5 epochs (~390 CNN steps).
 # Real public glyphs under it: 97.1% on held-out glyphs, where 2,000 x 5 epochs (80 steps) capped them at 85.8%.
-FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=800, pretrain_batch=64, ft_steps=160,
+FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=1600, pretrain_batch=64, ft_steps=160,
             expected_batch=512, multiplicity=1, synthetic_n=10000, baseline_n=10000, sample_steps=4, clf_epochs=5,
             clf_seeds=2, dpsgd_epochs=3)  # 3 epochs over 60k = 180 Poisson batches of 1000 (~18 epochs of a 10k subset)
 # `long`: the same pipeline with ~5x the pretraining, DP steps and samples (~75 minutes on 2 idle cores, estimated):
@@ -162,16 +163,35 @@ def finetune_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float) 
         "sample.steps": plan.sample_steps, "output.dir": str(out / f"dp-loda-eps{eps:g}")})
 
 
+PIPELINE_DIGEST = "pretrained.sha256"   # in a fine-tune's run dir: the digest of the pipeline it started from
+
+
+def pipeline_digest(pipeline: Path) -> str:
+    """sha256 over the pretrained pipeline's U-Net and autoencoder weights (a changed pretraining changes it)."""
+    h = hashlib.sha256()
+    for f in sorted((pipeline / "unet").glob("*.safetensors")) + sorted((pipeline / "vae").glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def finetuned(cfg: Config) -> Path:
-    """run_finetune(cfg), resuming output.dir only if that run was made with the same config: a run made with
-    other settings (e.g. an edited configs/quickstart.yaml) is moved aside to DIR.stale-K, ledger and all."""
+    """run_finetune(cfg), resuming output.dir only if that run was made with the same config from the same
+    pretrained weights: a run made with other settings (e.g. an edited configs/quickstart.yaml) or from another
+    pretraining (the same pipeline folder, another budget) is moved aside to DIR.stale-K, ledger and all."""
     run = Path(cfg.output.dir)
-    if (run / "config.yaml").exists() and to_dict(load_config(run / "config.yaml")) != to_dict(cfg):
+    digest = pipeline_digest(Path(cfg.model.pretrained))
+    stale = (run / "config.yaml").exists() and (to_dict(load_config(run / "config.yaml")) != to_dict(cfg) or not (
+        run / PIPELINE_DIGEST).is_file() or (run / PIPELINE_DIGEST).read_text().strip() != digest)
+    if stale:
         k = 1
         while run.with_name(f"{run.name}.stale-{k}").exists():
             k += 1
         run.rename(run.with_name(f"{run.name}.stale-{k}"))
-        print(f"quickstart: {run} was made with other settings: moved to {run.name}.stale-{k}; starting afresh")
+        print(f"quickstart: {run} was made with other settings or pretrained weights: moved to "
+              f"{run.name}.stale-{k}; starting afresh")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / PIPELINE_DIGEST).write_text(digest + "\n")
     return run_finetune(cfg)
 
 

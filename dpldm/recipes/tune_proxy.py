@@ -45,8 +45,9 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     # the same DP compute (steps x expected batch), split differently; sigma recalibrated for the new q and steps
     "batch 1024 x 80 steps": ({"plan.expected_batch": 1024, "plan.ft_steps": 80}, None),
     "half the DP steps": ({"plan.ft_steps": 80}, None),   # the earlier plan (80 x 512)
-    # a longer public pretraining of the U-Net (own folder; the plan's pipeline is left as it is)
-    "U-Net 1,600 steps": ({"plan.unet_steps": 1600}, None),
+    # another public pretraining budget of the U-Net (own folder; the plan's pipeline is left as it is)
+    "U-Net 800 steps": ({"plan.unet_steps": 800}, None),   # the earlier plan
+    "U-Net 2,400 steps": ({"plan.unet_steps": 2400}, None),
     # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
     "downstream 4x steps": ({"plan.clf_epochs": 20}, None),
     "2,000 samples at 8 sampler steps": ({"plan.synthetic_n": 2000, "plan.sample_steps": 8}, None),
