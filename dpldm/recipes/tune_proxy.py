@@ -1,8 +1,9 @@
 """`dpldm tune-proxy [--out DIR] [--fast]`: choose the quickstart's DP fine-tune settings on public data only.
 
 The quickstart's private set is MNIST; choosing its learning rate, clipping or prompts by scoring MNIST
-fine-tunes is a leak that (ε, δ) does not cover. Here the same public pretrained pipeline (Fashion-MNIST; shared
-with `dpldm quickstart --out DIR`, so it is pretrained once) is DP-fine-tuned on a public stand-in:
+fine-tunes is a leak that (ε, δ) does not cover. Here the same public pretrained pipeline (font-rendered
+glyphs by default; shared with `dpldm quickstart --out DIR`, so it is pretrained once) is DP-fine-tuned on a
+public stand-in:
 scikit-learn's 8x8 digits (source `digits`, a different collection than MNIST; 1,347 train, 450 test).
 
 Each proxy run gets the noise the private run will get: the σ calibrated for MNIST's N = 60,000, the same
@@ -48,6 +49,7 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     # another public pretraining budget of the U-Net (own folder; the plan's pipeline is left as it is)
     "U-Net 800 steps": ({"plan.unet_steps": 800}, None),   # the earlier plan
     "U-Net 2,400 steps": ({"plan.unet_steps": 2400}, None),
+    "240 DP steps": ({"plan.ft_steps": 240}, None),      # more DP steps of the same expected batch (sigma recalibrated)
     # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
     "downstream 4x steps": ({"plan.clf_epochs": 20}, None),
     "2,000 samples at 8 sampler steps": ({"plan.synthetic_n": 2000, "plan.sample_steps": 8}, None),
@@ -137,8 +139,9 @@ def run_candidate(cfg, guidance: float | None, n: int, steps: int | None = None,
 
 def write_table(path: Path, rows: list[dict], scorer_acc: float, best: str) -> None:
     lines = ["# Tuning on a public proxy (`dpldm tune-proxy`)", "",
-             "Proxy: scikit-learn digits (public, not MNIST), DP-fine-tuned from the Fashion-MNIST pipeline with the "
-             "σ, C and expected batch of the private MNIST run. Agreement: share of samples a CNN trained on real "
+             "Proxy: scikit-learn digits (public, not MNIST), DP-fine-tuned from the quickstart plan's public "
+             "pipeline (each candidate's own when it changes the pretraining) with the σ, C and expected batch of "
+             "the private MNIST run. Agreement: share of samples a CNN trained on real "
              f"digits (test accuracy {100 * scorer_acc:.1f}%) labels as their class. Downstream: CNN trained on the "
              "samples, tested on the real digits test split (the selection metric).", "",
              "| candidate | ε of the private run | σ | agreement | downstream | minutes |", "|---|---|---|---|---|---|"]
