@@ -1,6 +1,7 @@
 """How well the public generator reproduces its public data, per pretraining budget (public data only).
 
     .venv/bin/python scripts/generator_fidelity.py --out runs/fidelity --unet-steps 800 1600 2400
+    .venv/bin/python scripts/generator_fidelity.py --out runs/fid-cos --unet-steps 1600 --set optim.decay=cosine
 
 Pretrains the quickstart's autoencoder and latent U-Net on the public glyphs (glyphs:digits) with each U-Net
 budget in turn (ascending: each budget resumes the previous one's checkpoint; the learning rate is constant, so
@@ -31,7 +32,12 @@ def main() -> None:
     ap.add_argument("--out", default="runs/fidelity")
     ap.add_argument("--unet-steps", type=int, nargs="+", default=[800, 1600])
     ap.add_argument("--guidance", type=float, default=None, help="default: configs/quickstart.yaml's")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of the U-Net pretraining (configs/pretrain_glyphs.yaml), e.g. optim.lr=2e-3; "
+                         "use a fresh --out per setting")
     args = ap.parse_args()
+    if args.set and len(args.unet_steps) > 1:   # e.g. a cosine decay depends on the total: no resuming a shorter run
+        ap.error("--set measures one --unet-steps budget per --out")
     out = Path(args.out)
     data = pack_sets(out, FULL, ("glyphs",))
     tests = {}
@@ -49,7 +55,7 @@ def main() -> None:
     for steps in sorted(args.unet_steps):
         t0 = time.time()
         plan = dataclasses.replace(FULL, unet_steps=steps)
-        pipeline = pretrain_public(out, data, plan)
+        pipeline = pretrain_public(out, data, plan, unet_overrides=tuple(args.set))
         cfg = apply_mapping(load_config(CONFIGS / "quickstart.yaml"), {
             "model.pretrained": str(pipeline), "sample.steps": plan.sample_steps, "output.dir": str(out / "unused")})
         settings = {"guidance": args.guidance} if args.guidance is not None else {}

@@ -133,15 +133,16 @@ def pack_sets(out: Path, plan: Plan, names=("fashion", "private", "test")) -> di
     return paths
 
 
-def pretrain_public(out: Path, data: dict, plan: Plan, suffix: str = "") -> Path:
+def pretrain_public(out: Path, data: dict, plan: Plan, suffix: str = "", unet_overrides: tuple = ()) -> Path:
     """Autoencoder, then latent U-Net, on the plan's public set (data[PUBLIC_SETS[plan.public][0]]; reused when
-    done) in out/<folder><suffix> (a suffix keeps another pretraining budget apart); returns the pipeline folder."""
+    done) in out/<folder><suffix> (a suffix keeps another pretraining budget apart); returns the pipeline folder.
+    `unet_overrides`: extra config overrides of the U-Net's pretraining (measurements; give them their own suffix)."""
     key, config, folder = public_set(plan)
     public = out / f"{folder}{suffix}"
     base = [f"data.public={data[key]}", f"output.dir={public}", f"model.vae={public / 'vae'}",
             f"data.batch_size={plan.pretrain_batch}", f"train.log_every={max(1, min(50, plan.unet_steps // 10))}"]
     run_pretrain(load_config(CONFIGS / config, base + [f"train.steps={plan.ae_steps}"]), "autoencoder")
-    run_pretrain(load_config(CONFIGS / config, base + [f"train.steps={plan.unet_steps}"]), "unet")
+    run_pretrain(load_config(CONFIGS / config, base + [f"train.steps={plan.unet_steps}", *unet_overrides]), "unet")
     return public / "pipeline"
 
 
