@@ -172,6 +172,30 @@ def test_batchnorm_model_is_rejected(tmp_path, assets):
         assert_dp_compatible(model)
 
 
+def test_training_gives_the_signals_back_and_acts_on_one_that_came_after_the_last_check(tmp_path, assets,
+                                                                                        monkeypatch):
+    """After fit() the process's own SIGTERM/SIGUSR1 handlers are back (a preemption signal during the sampling
+    that follows a fine-tune must not be swallowed by a finished trainer), and a signal that arrived after the
+    last step's check (during the final checkpoint) is delivered to them, not forgotten."""
+    pipe, shards = assets
+    received = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        term = signal.getsignal(signal.SIGTERM)
+        original = ft.FinetuneTrainer.save_checkpoint
+
+        def save_then_signal(self):
+            original(self)
+            self._stop_signal = signal.SIGUSR1      # as if SLURM's warning came during the final write
+        monkeypatch.setattr(ft.FinetuneTrainer, "save_checkpoint", save_then_signal)
+        run = ft.run_finetune(finetune_config(tmp_path, pipe, shards, **{"train.steps": 1}))
+        assert json.loads((run / "privacy.json").read_text())["steps"] == 1
+        assert received == [signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGTERM) == term
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def test_quickstart_moves_a_run_made_with_other_settings_aside_with_its_ledger(tmp_path, assets):
     """`dpldm quickstart` after an edit of configs/quickstart.yaml must not resume (and report) the old run."""
     from dpldm.recipes.quickstart import finetuned

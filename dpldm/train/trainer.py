@@ -164,11 +164,22 @@ class Trainer:
         if latest is not None:
             self.load_checkpoint(latest)
             log(f"resumed from {latest} (step {self.step}/{self.total_steps})")
+        previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
-                signal.signal(sig, self._on_signal)
+                previous[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread
                 pass
+        try:
+            self._loop()
+        finally:   # what follows the training (export, sampling, the next stage) gets the signals back
+            for sig, handler in previous.items():
+                if handler is not None:   # None: installed outside Python, nothing to put back
+                    signal.signal(sig, handler)
+        if self._stop_signal is not None:   # arrived after the last step's check: act on it now, as if unhandled
+            signal.raise_signal(self._stop_signal)
+
+    def _loop(self) -> None:
         t0, s0, step0 = time.time(), self.samples_seen, self.step
         loss_sum, loss_n = 0.0, 0
         while self.step < self.total_steps:
