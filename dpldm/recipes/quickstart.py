@@ -306,7 +306,8 @@ def main(args) -> int:
     report = write_report(out / "report", rows, runs=runs + [base_run], paper_rows=PAPER_ROWS,
                           selection_note=SELECTION_NOTE,
                           set_sizes={"private": len(x_priv), "test": len(x_test), "synthetic_per_run": plan.synthetic_n,
-                                     "timings_s": timings, "mode": "fast" if args.fast else "full"},
+                                     "timings_s": timings,
+                                     "mode": "fast" if args.fast else getattr(args, "plan", None) or "full"},
                           title=f"dpldm quickstart: DP-LoDA on MNIST with {PUBLIC_TITLES[plan.public]} pretraining",
                           discussion=discussion(rows, plan))
     print(f"\nquickstart done in {timings['total']:.0f}s: report at {out / 'report' / 'report.md'}")
