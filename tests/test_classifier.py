@@ -82,6 +82,10 @@ def test_dpsgd_baseline_spends_its_target_and_learns(mnist):
     assert ledger["epsilon"] == pytest.approx(4.0, rel=0.05) and ledger["epsilon"] <= 4.0 * 1.001
     assert ledger["delta"] == 1e-4 and ledger["sample_rate"] == pytest.approx(250 / 2000)
     assert ledger["steps"] == 3 * 8 and ledger["noise_multiplier"] > 0.5
+    # the same relation as the fine-tunes it is compared with: replace-one needs more noise than add/remove
+    from dpldm.privacy.accountant import noise_multiplier_for
+    assert ledger["relation"] == "replace_one" and ledger["accountant"] == "pld"
+    assert ledger["noise_multiplier"] > noise_multiplier_for(4.0, 250 / 2000, 24, 1e-4, "pld", "add_remove")
     assert accuracy(model, xt, yt) > 0.5
 
 

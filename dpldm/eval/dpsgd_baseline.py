@@ -13,7 +13,8 @@ and the
 noise come from streams of a fresh 128-bit secret seed (`dpldm.rng.secret_seed`) that is returned nowhere.
 The Poisson draws and the noise use numpy PCG64 generators (128-bit state) derived from it — not opacus'
 own, which draw from a torch CPU generator that keeps only 32 bits of its seed (seeds s and s + 2³² give the
-same draws): opacus clips, accounts and calibrates σ, dpldm draws the batches and the noise. An explicit
+same draws): opacus clips and sums, dpldm calibrates σ and accounts (replace-one, PLD, by default, like the
+fine-tunes), draws the batches and the noise. An explicit
 `seed` makes everything reproducible by whoever has it: the ledger then carries EXPLICIT_SEED_WARNING.
 An empty Poisson batch (possible whenever q·N is small) takes a noise-only step, as the fine-tune does.
 """
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpldm.errors import DpldmError
 from dpldm.eval.classifier import _check, build_classifier
 from dpldm.log import log
+from dpldm.privacy.accountant import epsilon, noise_multiplier_for
 from dpldm.privacy.ledger import EXPLICIT_SEED_WARNING
 from dpldm.rng import RunRandomness, secret_seed
 
@@ -53,10 +55,12 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
                            max_grad_norm: float = DEFAULTS["max_grad_norm"], lr: float = DEFAULTS["lr"],
                            momentum: float = DEFAULTS["momentum"], optimizer: str = "sgd",
                            arch: str = DEFAULTS["arch"], width: int = DEFAULTS["width"],
-                           accountant: str = "prv", seed: int | None = None,
+                           accountant: str = "pld", relation: str = "replace_one", seed: int | None = None,
                            num_classes: int | None = None, verbose: bool = False):
     """Train with opacus DP-SGD (Poisson sampling, per-example clipping to `max_grad_norm`, noise
-    calibrated to spend `target_epsilon` at `delta` over `epochs`). `width`/`lr` 0 take the
+    calibrated by dpldm's accountant to spend `target_epsilon` at `delta` over `epochs` under `relation`:
+    replace-one by default, as the fine-tunes it is compared with, so both rows' ε mean the same
+    thing). `width`/`lr` 0 take the
     budget's tuned values (`budget_defaults`). `seed=None` (default) draws a fresh secret seed; an explicit
     seed is for tests and is flagged "not a release" in the ledger's warnings. Returns (model in eval mode,
     ledger dict with epsilon spent, delta, accountant, noise_multiplier, sample_rate, steps, ...): nothing in
@@ -90,12 +94,12 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
     # per epoch; its own Poisson loader is not used (see the module docstring): `poisson` draws the same way
     loader = DataLoader(TensorDataset(images, labels), batch_size=expected_batch_size)
     sample_rate, steps_per_epoch = 1.0 / len(loader), len(loader)
-    engine = PrivacyEngine(accountant=accountant)
+    sigma = noise_multiplier_for(target_epsilon, sample_rate, epochs * steps_per_epoch, delta, accountant, relation)
+    engine = PrivacyEngine()   # opacus clips, sums and scales; σ and ε come from dpldm's accountant
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opacus' secure-RNG notice
-        model, opt, _ = engine.make_private_with_epsilon(
-            module=model, optimizer=opt, data_loader=loader, target_epsilon=target_epsilon,
-            target_delta=delta, epochs=epochs, max_grad_norm=max_grad_norm, poisson_sampling=True)
+        model, opt, _ = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
+                                            max_grad_norm=max_grad_norm, poisson_sampling=True)
     _draw_noise_from(opt, rng.numpy("dpsgd-noise"))
     poisson = rng.numpy("dpsgd-poisson")
     t0, steps = time.perf_counter(), 0
@@ -113,9 +117,10 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
             opt.step()
             steps += 1
         if verbose:
-            log(f"dp-sgd epoch {epoch + 1}/{epochs}: eps {engine.get_epsilon(delta):.3f}", err=True)
+            spent = epsilon(sigma, sample_rate, steps, delta, accountant, relation)
+            log(f"dp-sgd epoch {epoch + 1}/{epochs}: eps {spent:.3f}", err=True)
     seconds = time.perf_counter() - t0
-    eps = float(engine.get_epsilon(delta))
+    eps = float(epsilon(sigma, sample_rate, steps, delta, accountant, relation))
     ledger = {
         "epsilon": eps, "target_epsilon": float(target_epsilon), "delta": float(delta),
         "accountant": accountant, "noise_multiplier": float(opt.noise_multiplier),
@@ -123,7 +128,7 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
         "max_grad_norm": max_grad_norm, "expected_batch_size": sample_rate * n, "dataset_size": n,
         "epochs": epochs, "lr": lr, "optimizer": optimizer, "arch": arch, "width": width,
         "seconds": seconds, "images_per_s": steps * sample_rate * n / max(seconds, 1e-9),
-        "relation": "add_remove", "seed": "explicit" if explicit else "secret",
+        "relation": relation, "seed": "explicit" if explicit else "secret",
         "warnings": [EXPLICIT_SEED_WARNING] if explicit else [],
     }
     net = model._module if hasattr(model, "_module") else model
