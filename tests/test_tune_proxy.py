@@ -65,8 +65,8 @@ def test_plan_candidates_change_the_plan_and_config_candidates_the_config():
 def test_another_pretraining_budget_gets_its_own_public_pipeline():
     from dpldm.recipes.quickstart import FULL
     from dpldm.recipes.tune_proxy import CANDIDATES, pretraining_suffix, split_overrides
-    longer = split_overrides(FULL, CANDIDATES["U-Net 2,400 steps"][0])[0]
-    assert longer.unet_steps == 2400 and pretraining_suffix(longer, FULL) == "-ae300-unet2400-b64-n0"
+    longer = split_overrides(FULL, CANDIDATES["U-Net 3,200 steps"][0])[0]
+    assert longer.unet_steps == 3200 and pretraining_suffix(longer, FULL) == "-ae300-unet3200-b64-n0"
     # candidates that keep the plan's pretraining share its pipeline folder
     for name in ("quickstart.yaml", "guidance 1.5", "half the DP steps", "8 sampler steps"):
         assert pretraining_suffix(split_overrides(FULL, CANDIDATES[name][0])[0], FULL) == ""

@@ -47,8 +47,9 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "batch 1024 x 80 steps": ({"plan.expected_batch": 1024, "plan.ft_steps": 80}, None),
     "half the DP steps": ({"plan.ft_steps": 80}, None),   # the earlier plan (80 x 512)
     # another public pretraining budget of the U-Net (own folder; the plan's pipeline is left as it is)
-    "U-Net 800 steps": ({"plan.unet_steps": 800}, None),   # the earlier plan
-    "U-Net 2,400 steps": ({"plan.unet_steps": 2400}, None),
+    "U-Net 800 steps": ({"plan.unet_steps": 800}, None),   # the plans of round 3 and round 4
+    "U-Net 1,600 steps": ({"plan.unet_steps": 1600}, None),
+    "U-Net 3,200 steps": ({"plan.unet_steps": 3200}, None),
     "240 DP steps": ({"plan.ft_steps": 240}, None),      # more DP steps of the same expected batch (sigma recalibrated)
     # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
     "downstream 4x steps": ({"plan.clf_epochs": 20}, None),
