@@ -51,6 +51,7 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "U-Net 1,600 steps": ({"plan.unet_steps": 1600}, None),
     "U-Net 3,200 steps": ({"plan.unet_steps": 3200}, None),
     "240 DP steps": ({"plan.ft_steps": 240}, None),      # more DP steps of the same expected batch (sigma recalibrated)
+    "800 DP steps": ({"plan.ft_steps": 800}, None),      # the long plan's DP steps (it collapsed at eps = 1 on MNIST)
     # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
     "downstream 4x steps": ({"plan.clf_epochs": 20}, None),
     "2,000 samples at 8 sampler steps": ({"plan.synthetic_n": 2000, "plan.sample_steps": 8}, None),
