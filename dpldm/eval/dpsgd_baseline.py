@@ -60,10 +60,11 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
     """Train with opacus DP-SGD (Poisson sampling, per-example clipping to `max_grad_norm`, noise
     calibrated by dpldm's accountant to spend `target_epsilon` at `delta` over `epochs` under `relation`:
     replace-one by default, as the fine-tunes it is compared with, so both rows' ε mean the same thing).
-    `width`/`lr` 0 take the budget's tuned values (`budget_defaults`). `seed=None` (default) draws a fresh secret seed; an explicit
-    seed is for tests and is flagged "not a release" in the ledger's warnings. Returns (model in eval mode,
-    ledger dict with epsilon spent, delta, accountant, noise_multiplier, sample_rate, steps, ...): nothing in
-    it is computed from the private data beyond the accountant's output (throughput counts expected batches)."""
+    `width`/`lr` 0 take the budget's tuned values (`budget_defaults`). `seed=None` (default) draws a fresh
+    secret seed; an explicit seed is for tests and is flagged "not a release" in the ledger's warnings.
+    Returns (model in eval mode, ledger dict with epsilon spent, delta, accountant, noise_multiplier,
+    sample_rate, steps, ...): nothing in it is computed from the private data beyond the accountant's output
+    (throughput counts expected batches)."""
     _check(images, labels, "train_dpsgd_classifier")
     n = len(images)
     if not 0 < delta < 1:
