@@ -88,11 +88,21 @@ class RunRandomness:
         return torch.from_numpy(z.astype(np.float32))
 
 
+# How far each sampler's N(0, 1) draws reach (docs/privacy.md, "Floating point"). Outputs beyond a neighbour's
+# largest draw are impossible under that neighbour, so a truncated tail adds about T * P(Z > reach - 1/sigma) to
+# delta (a whole clipped gradient on one coordinate). float32 samplers stop early: torch's CUDA randn (Box-Muller
+# on 32-bit uniforms) at 6.76, numpy's float32 ziggurat at 8.21 -- the first adds 5.5e-4 over the quickstart's
+# 160 steps at sigma = 0.44, fifty times its delta. Every stream therefore draws in float64 and rounds.
+NOISE_TAILS = {"numpy float64 ziggurat (CPU)": 13.7, "torch float64 Box-Muller (CUDA Philox)": 8.65,
+               "SHAKE-256 float64 Box-Muller (secure)": 8.57}
+
+
 class NoiseStream:
     """The N(0, 1) draws of one (purpose, keys) stream, taken in call order, on `device`.
 
     Default: CPU draws come from numpy's PCG64 (128-bit state; torch's CPU generator keeps only 32 bits of
-    its seed), CUDA draws from torch's Philox generator (64-bit seed) — fast, not cryptographic.
+    its seed), CUDA draws from torch's Philox generator (64-bit seed) — fast, not cryptographic. Both draw in
+    float64 and round to float32 (NOISE_TAILS: a float32 sampler's tail ends too soon).
     `secure=True`: SHAKE-256 keystream (`RunRandomness.secure_normal`), drawn on the CPU and copied.
     Every rank with the same run seed draws the same numbers on the same device type; `checksum` sums
     all draws (float64) so ranks can compare what they added (dpldm/distributed/agreement.py).
@@ -111,12 +121,12 @@ class NoiseStream:
         numel = int(np.prod(shape)) if len(shape) else 1
         if self.secure:
             z = self.rng.secure_normal(self.purpose, *self.keys, self.calls, numel=numel).to(self.device)
-        elif self._numpy is not None:
-            z = torch.from_numpy(self._numpy.standard_normal(numel, dtype=np.float32))
+        elif self._numpy is not None:   # float64 draws rounded to float32: see NOISE_TAILS
+            z = torch.from_numpy(self._numpy.standard_normal(numel)).float()
         else:
-            z = torch.randn(numel, generator=self._torch, device=self.device, dtype=torch.float32)
+            z = torch.randn(numel, generator=self._torch, device=self.device, dtype=torch.float64).float()
         self.calls += 1
-        self._sum += z.double().sum()
+        self._sum += z.sum(dtype=torch.float64)
         return z.reshape(shape)
 
     @property

@@ -10,6 +10,7 @@ from torch.func import functional_call
 from dpldm.errors import DpldmError
 from dpldm.privacy.dp_step import (add_noise_and_normalize, assert_dp_compatible, clipped_grad_sum,
                                    noise_generator)
+from dpldm.rng import NOISE_TAILS, NoiseStream, RunRandomness
 
 
 class TinyDenoiser(nn.Module):
@@ -193,6 +194,23 @@ def test_secure_noise_is_standard_normal_and_keyed_by_seed_and_step():
     assert torch.equal(z, noise_generator(11, 2, secure=True).normal((200_000,)))
     assert not torch.equal(z, noise_generator(11, 3, secure=True).normal((200_000,)))
     assert not torch.equal(z, noise_generator(11, 2).normal((200_000,)))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_noise_is_drawn_in_float64_and_rounded_so_its_tail_is_not_cut_short(device):
+    # float32 samplers end their tails at 6.76 sigma (CUDA Box-Muller) or 8.21 (numpy's ziggurat): outputs past a
+    # neighbour's last draw would be impossible under it (docs/privacy.md, "Floating point"); float64 draws reach
+    # 8.65 (CUDA) and 13.7 (CPU)
+    rng = RunRandomness(13)
+    z = NoiseStream(rng, "noise", 4, device=device).normal((4000,))
+    if device == "cpu":
+        ref = torch.from_numpy(rng.numpy("noise", 4).standard_normal(4000)).float()
+    else:
+        ref = torch.randn(4000, generator=rng.torch("noise", 4, device=device), device=device,
+                          dtype=torch.float64).float()
+    assert z.dtype == torch.float32 and torch.equal(z, ref)
+    assert min(NOISE_TAILS.values()) > math.sqrt(-2 * math.log(2.0 ** -33)) + 1.5   # every stream past float32's 6.76
 
 
 def test_zero_noise_only_normalizes_and_bad_values_are_refused():

@@ -168,10 +168,11 @@ def add_noise_and_normalize(grad_sum: Mapping[str, Tensor], noise_multiplier: fl
     out: dict[str, Tensor] = {}
     for name in sorted(grad_sum):
         g = grad_sum[name]
-        if std > 0:
-            noise = generator.normal(g.shape)
-            g = g + (noise * std).to(device=g.device, dtype=g.dtype)
-        out[name] = g / expected_batch_size
+        if std > 0:   # g + σC·z in one pass (float32 or g's wider dtype), then divided in place: no temporaries
+            g = torch.add(g, generator.normal(g.shape).to(device=g.device), alpha=std).to(g.dtype)
+            out[name] = g.div_(expected_batch_size)
+        else:
+            out[name] = g / expected_batch_size
     return {k: out[k] for k in grad_sum}
 
 
