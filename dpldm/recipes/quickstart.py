@@ -83,11 +83,13 @@ class Plan:
 FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=2400, pretrain_batch=64, ft_steps=160,
             expected_batch=512, multiplicity=1, synthetic_n=10000, baseline_n=10000, sample_steps=4, clf_epochs=5,
             clf_seeds=2, dpsgd_epochs=3)  # 3 epochs over 60k = 180 Poisson batches of 1000 (~18 epochs of a 10k subset)
-# `long`: the same pipeline with ~5x the pretraining, DP steps and samples: 43 minutes on 2 idle cores, measured
-# (docs/results.md): 90.9% at eps = 10, but 52.6% at eps = 1, where 800 steps at lr 3e-2 random-walk the
-# adapters (sigma 1.81). Its DP compute belongs in the batch, not the steps: to re-choose on the proxy.
-LONG = Plan(public_n=0, private_n=0, test_n=0, ae_steps=600, unet_steps=4000, pretrain_batch=64, ft_steps=800,
-            expected_batch=512, multiplicity=1, synthetic_n=50000, baseline_n=10000, sample_steps=4, clf_epochs=5,
+# `long`: ~5x the full plan's compute everywhere, the DP part in the expected batch (160 steps x 2,560): at a fixed
+# eps, more steps at the same lr do not pay -- 800 x 512 collapsed to 52.6% at eps = 1, its adapters random-walked by
+# sigma 1.81 (docs/results.md) -- while a 5x batch cuts each step's noise sigma*C/B (sigma/B: 0.86e-3 -> 0.28e-3 at
+# eps = 10, 1.89e-3 -> 1.57e-3 at eps = 1) over the same 160 steps at the same lr. A public-reasoning choice: the
+# proxy (1,347 digits) cannot hold a batch of 2,560.
+LONG = Plan(public_n=0, private_n=0, test_n=0, ae_steps=600, unet_steps=4000, pretrain_batch=64, ft_steps=160,
+            expected_batch=2560, multiplicity=1, synthetic_n=50000, baseline_n=10000, sample_steps=4, clf_epochs=5,
             clf_seeds=2, dpsgd_epochs=3)
 FAST = Plan(public_n=1000, private_n=1000, test_n=500, ae_steps=10, unet_steps=10, pretrain_batch=16, ft_steps=2,
             expected_batch=64, multiplicity=2, synthetic_n=100, baseline_n=100, sample_steps=4, clf_epochs=1,
@@ -238,9 +240,10 @@ def discussion(rows: list[dict], plan: Plan = FULL) -> str:
         lines.append(f"- ε = {eps}: the classifier trained on DP-LoDA synthetic data ({100 * loda['acc_mean']:.1f}%) "
                      f"{verdict} the DP-SGD classifier trained on the private data ({100 * sgd['acc_mean']:.1f}%).")
     lines.append(
-        f"- Gap to the papers (DP-LoDA 95.0% at ε = 10): this run affords {plan.ft_steps} DP steps of a 1.2M-parameter "
-        "U-Net on 2 CPU cores (the papers: tens of epochs on GPUs), pretrained for minutes on public stand-ins "
-        "(font-rendered digits; the papers: EMNIST/SVHN), a generator whose own samples still train a weaker "
+        f"- Gap to the papers (DP-LoDA 95.0% at ε = 10): this run affords {plan.ft_steps} DP steps of expected batch "
+        f"{plan.expected_batch:,} on a 1.2M-parameter U-Net on 2 CPU cores (the papers: tens of epochs on GPUs), "
+        "pretrained for minutes on public stand-ins (font-rendered digits; the papers: EMNIST/SVHN), a generator "
+        "whose own samples still train a weaker "
         f"classifier than its public training data, little noise multiplicity (K = {plan.multiplicity}; the papers: "
         f"up to 32) and {plan.synthetic_n:,} synthetic images per run (the papers: 60,000). configs/mnist.yaml is "
         "the same pipeline at paper scale. docs/results.md has the measurements behind these settings.")
