@@ -113,7 +113,10 @@ def generate(comps, prompts: list[str], indices: list[int], *, guidance: float, 
     out = []
     for s in tqdm(range(0, len(indices), batch_size), desc="sample", unit="batch", leave=False):
         idx = indices[s:s + batch_size]
-        cond = encode_prompts(comps, [prompts[i] for i in idx])
+        batch = [prompts[i] for i in idx]
+        unique = list(dict.fromkeys(batch))   # class prompts repeat: encode each once per batch (~25x less text work)
+        table = dict(zip(unique, encode_prompts(comps, unique)))
+        cond = torch.stack([table[p] for p in batch])
         gens = [rng.torch("sample", i) for i in idx]
         images = pipe(prompt_embeds=cond, negative_prompt_embeds=null.expand_as(cond), num_inference_steps=steps,
                       guidance_scale=guidance, generator=gens, height=resolution, width=resolution,

@@ -73,7 +73,7 @@ def test_quickstart_discussion_compares_against_dp_sgd_at_each_epsilon(tmp_path)
     assert "ε = 1: the classifier trained on DP-LoDA synthetic data (40.0%) does NOT beat" in text
     from dpldm.recipes.quickstart import PLANS
     # the full plan's sizes
-    assert "affords 160 DP steps of expected batch 512" in text and "10,000 synthetic images per run" in text
+    assert "affords 160 DP steps of expected batch 512" in text and "30,000 synthetic images per run" in text
     long = discussion(rows, PLANS["long"])
     assert "affords 160 DP steps of expected batch 2,560" in long and "50,000 synthetic images per run" in long
     write_report(tmp_path / "r", [dict(r, private=True) for r in rows], discussion=text)
