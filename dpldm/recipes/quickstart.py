@@ -49,7 +49,8 @@ SELECTION_NOTE = (
     "(scikit-learn's 8x8 digits) with this run's noise multiplier, clipping norm and expected batch, and the "
     "one whose samples trained the best classifier of real public digits was kept; that choice looked at no "
     "private data. The public pretraining set (font-rendered digits, glyphs:digits, instead of Fashion-MNIST) was "
-    "chosen the same way, and the downstream protocol (10,000 samples, 5 epochs) on real public glyphs. "
+    "chosen the same way, and the downstream protocol (30,000 samples, as many as the public glyphs, 5 epochs) on "
+    "real public glyphs. "
     "Not covered by ε: the candidate list was drawn up after earlier development runs that scored "
     "MNIST fine-tunes with an MNIST classifier (docs/results.md), so the private distribution shaped which "
     "settings were tried. No checkpoint is selected, sizes are set by CPU time, and the real MNIST test set is "
@@ -58,7 +59,7 @@ SELECTION_NOTE = (
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of every stage; `full` fits ~20 minutes on 2 CPU cores, `fast` ~3 minutes (CI smoke)."""
+    """Sizes of every stage; `full` takes 30 minutes on 2 CPU cores (docs/results.md), `fast` ~3 (CI smoke)."""
     public_n: int
     private_n: int
     test_n: int
