@@ -69,6 +69,9 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "lr 1e-1": ({"optim.lr": 1e-1}, None),
     "lr warm-up 10 steps": ({"optim.warmup_steps": 10}, None),
     "all levels": ({"adapter.levels": ["down", "mid", "up"]}, None),
+    # the adapter's dimension d: the noise's norm grows with sqrt(d) at a fixed clipped signal (matters most at eps 1)
+    "rank 2": ({"adapter.rank": 2}, None),
+    "up level only": ({"adapter.levels": ["up"]}, None),
     "digit prompts": ({"model.class_names": [str(i) for i in range(10)],
                        "model.prompt_template": "a handwritten digit {name}"}, None),
 }
