@@ -74,6 +74,10 @@ class DataConfig:
     cache_dir: str = ""             # latent cache; default <output.dir>/latent_cache
     flip: bool = False              # add horizontally flipped copies to the latent cache
     limit: int = 0                  # use only the first N private examples (0 = all)
+    # pretrain unet: encode data.public once into a latent cache (<output.dir>/unet/latent_cache) and draw
+    # batches from it (a fresh permutation per epoch) instead of encoding every streamed batch again; for
+    # public sets that fit on disk, as latents, many times over (the quickstart's 30k glyphs: 15 MB)
+    public_latents: bool = False
 
 
 @dataclass

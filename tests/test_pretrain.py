@@ -112,3 +112,38 @@ def test_condition_prompts():
         condition_prompts([0, -1], ["", ""], ["zero"], "{name}", ["k0", "k1"])
     with pytest.raises(DpldmError, match="class_names has 1"):
         condition_prompts([3], [""], ["zero"], "{name}")
+
+
+def test_pretrain_unet_on_cached_public_latents(shards, tmp_path):
+    """data.public_latents: the public set is encoded once (the same latents the streamed path encodes each
+    step), each epoch visits every sample once, and a re-run resumes at the exact batch."""
+    from dpldm.data.latent_cache import LatentCache
+    from dpldm.data.stream import iterate_samples
+    from dpldm.train.pretrain import CachedPublicBatches
+
+    out = tmp_path / "public"
+    common = TINY + [f"data.public={shards}", f"output.dir={out}"]
+    run_pretrain(load_config(None, common + ["train.steps=4"]), "autoencoder")
+    args = common + [f"model.vae={out}", "data.public_latents=true"]
+    cfg = load_config(None, args + ["train.steps=12"])
+    un = run_pretrain(cfg, "unet")
+    assert np.isfinite(un.history).all() and (out / "pipeline" / "unet").is_dir()
+    cache = LatentCache(out / "unet" / "latent_cache")
+    assert len(cache) == 128
+    keys = json.loads((cache.path / "keys.json").read_text())
+    vae = P.load_vae(out / "vae", "cpu")
+    for k, sample in zip(range(4), iterate_samples(str(shards), cfg.data, 16, 1)):
+        mean, std = P.encode_images(vae, torch.as_tensor(sample["pixels"])[None])
+        i = keys.index(sample["key"])
+        torch.testing.assert_close(torch.from_numpy(np.array(cache.latents[i])), mean[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(np.array(cache.stds[i])), std[0], rtol=1e-4, atol=1e-5)
+    # 128 samples in batches of 16: 8 per epoch, so 12 steps end in epoch 1 after 4 of its batches
+    assert (un.data.epoch, un.data.pos) == (1, 4)
+    batches = CachedPublicBatches(cache, cfg, un.env)
+    seen = [next(batches)["key"] for _ in range(8)]
+    assert len({k for b in seen for k in b}) == 128
+    # a re-run with more steps resumes at epoch 1, batch 4, and the cache is reused, not rebuilt
+    stamp = (cache.path / "latents.npy").stat().st_mtime_ns
+    un2 = run_pretrain(load_config(None, args + ["train.steps=14"]), "unet")
+    assert (un2.data.epoch, un2.data.pos) == (1, 6) and len(un2.history) == 2
+    assert (cache.path / "latents.npy").stat().st_mtime_ns == stamp

@@ -1,4 +1,5 @@
-"""The private set, encoded once by the frozen autoencoder into a random-access latent cache.
+"""The private set (or a public pretraining set), encoded once by the frozen autoencoder into a random-access
+latent cache.
 
 Layout of a cache directory (memory-mapped .npy, so exact Poisson sampling reads any subset cheaply):
     latents.npy       float32 [N, C, h, w]  posterior means, already scaled by the VAE's scaling factor
@@ -23,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,7 @@ class LatentCache:
             raise DpldmError(f"latent cache {self.path}: no meta.json (run `dpldm encode CONFIG` first)")
         self.meta = json.loads(meta_file.read_text())
         self.latents = np.load(self.path / "latents.npy", mmap_mode="r")
+        self.stds = np.load(self.path / "latents_std.npy", mmap_mode="r")
         flip_file = self.path / "latents_flip.npy"
         self.flipped = np.load(flip_file, mmap_mode="r") if flip_file.exists() else None
         self.labels = np.load(self.path / "labels.npy")
@@ -95,33 +98,41 @@ def check_labels(labels: np.ndarray, texts: list[str], keys: list[str] | None, w
                      f"{first}) although the set is class-conditional; label or remove them and re-pack")
 
 
-def is_fresh(path: Path, source: str, identity: str, cfg: Config) -> bool:
+def is_fresh(path: Path, cfg: Config, identity: str) -> bool:
     meta_file = path / "meta.json"
     if not meta_file.exists():
         return False
     meta = json.loads(meta_file.read_text())
-    return (meta.get("version") == FORMAT_VERSION and meta.get("source") == source
+    return (meta.get("version") == FORMAT_VERSION and meta.get("source") == cfg.data.private
             and meta.get("encoder") == identity and meta.get("flip") == cfg.data.flip
             and meta.get("limit") == cfg.data.limit and meta.get("resolution") == cfg.model.resolution)
 
 
-@torch.no_grad()
-def build_cache(cfg: Config, vae, path: Path, log=log) -> LatentCache:
-    """Stream the private shards once through the frozen VAE (single process) into `path`."""
+def public_data_cfg(cfg: Config) -> Config:
+    """cfg with data.private = data.public, no flip and no limit: what ensure_cache(public=True) encodes."""
+    return replace(cfg, data=replace(cfg.data, private=cfg.data.public, flip=False, limit=0))
 
+
+@torch.no_grad()
+def build_cache(cfg: Config, vae, path: Path, log=log, public: bool = False) -> LatentCache:
+    """Stream data.private (public=True: data.public, whose bad samples are skipped as in streaming, and
+    which no manifest must match) once through the frozen VAE (single process) into `path`."""
+    if public:
+        cfg = public_data_cfg(cfg)
+    what = "public" if public else "private"
     if not cfg.data.private:
-        raise DpldmError("data.private: no private shards configured (set data.private=DIR)")
+        raise DpldmError(f"data.{what}: no {what} shards configured (set data.{what}=DIR)")
     identity = encoder_identity(vae)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     means, stds, flips, labels, texts, keys = [], [], [], [], [], []
-    data_cfg = type(cfg.data)(**{**vars(cfg.data), "num_workers": 0})
+    data_cfg = replace(cfg.data, num_workers=0)
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     t0, n = time.time(), 0
     for batch in stream_loader(cfg.data.private, data_cfg, cfg.model.resolution, cfg.model.channels,
-                               batch_size=64, private=True, world_size=1, seed=0, shuffle=False):
+                               batch_size=64, private=not public, world_size=1, seed=0, shuffle=False):
         pixels = batch["pixels"].to(device, dtype)
         mean, std = encode_images(vae, pixels)
         means.append(mean.float().cpu().numpy())
@@ -135,15 +146,16 @@ def build_cache(cfg: Config, vae, path: Path, log=log) -> LatentCache:
         if cfg.data.limit and n >= cfg.data.limit:
             break
         if n % 2048 < 64:
-            log(f"encode: {n} private examples ({n / (time.time() - t0):.0f}/s)")
+            log(f"encode: {n} {what} examples ({n / (time.time() - t0):.0f}/s)")
     if not means:
-        raise DpldmError(f"data.private: no samples found in {cfg.data.private}")
-    if not cfg.data.limit:
+        raise DpldmError(f"data.{what}: no samples found in {cfg.data.private}")
+    if not cfg.data.limit and not public:
         check_complete(cfg.data.private, n, log=log)     # every private example the manifest counts, or stop
     n_keep = min(n, cfg.data.limit) if cfg.data.limit else n
     lat, sd, lab = (np.concatenate(a)[:n_keep] for a in (means, stds, labels))
     texts, keys = texts[:n_keep], keys[:n_keep]
-    check_labels(lab, texts, keys, cfg.data.private)        # the whole set, before anything is written
+    if not public:
+        check_labels(lab, texts, keys, cfg.data.private)    # the whole set, before anything is written
     if cfg.data.flip:
         np.save(tmp / "latents_flip.npy", np.concatenate(flips)[:n_keep])
     np.save(tmp / "latents.npy", lat)
@@ -163,15 +175,16 @@ def build_cache(cfg: Config, vae, path: Path, log=log) -> LatentCache:
     return LatentCache(path)
 
 
-def ensure_cache(cfg: Config, vae, env=None, log=log) -> LatentCache:
-    """Reuse a fresh cache; otherwise rank 0 encodes while the other ranks wait."""
-    path = cache_dir_for(cfg)
+def ensure_cache(cfg: Config, vae, env=None, log=log, path: Path | None = None, public: bool = False) -> LatentCache:
+    """Reuse a fresh cache of data.private (public=True: data.public) at `path` (default cache_dir_for(cfg));
+    otherwise rank 0 encodes while the other ranks wait."""
+    path = path or cache_dir_for(cfg)
     identity = encoder_identity(vae)
-    if not is_fresh(path, cfg.data.private, identity, cfg):
+    if not is_fresh(path, public_data_cfg(cfg) if public else cfg, identity):
         if env is None or env.is_main:
             if path.exists():
                 log(f"encode: cache {path} is stale (encoder, source or settings changed): rebuilding")
-            build_cache(cfg, vae, path, log=log)
+            build_cache(cfg, vae, path, log=log, public=public)
         barrier()
     return LatentCache(path)
 

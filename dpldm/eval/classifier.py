@@ -141,21 +141,34 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 def evaluate_synthetic(train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
                        test_labels: torch.Tensor, arch: str = "cnn", epochs: int = 10, seeds: int = 3,
-                       verbose: bool = False, **train_kwargs) -> dict:
-    """Train `seeds` classifiers (seeds 0..seeds-1) on the train set, test each on the test set."""
+                       verbose: bool = False, first_seed: int = 0, **train_kwargs) -> dict:
+    """Train `seeds` classifiers (seeds first_seed..first_seed+seeds-1) on the train set, test each on the test
+    set; merge_seed_results joins the results of disjoint seed ranges (e.g. run in separate processes)."""
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DpldmError(f"evaluate_synthetic: train images {tuple(train_images.shape[1:])} and test images "
                          f"{tuple(test_images.shape[1:])} differ; load both with the same channels/resolution")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     runs, speeds = [], []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         model = train_classifier(train_images, train_labels, arch, epochs, seed, num_classes=num_classes,
                                  **train_kwargs)
         runs.append(accuracy(model, test_images, test_labels))
         speeds.append(model.images_per_s)
         if verbose:
             log(f"{arch} seed {seed}: accuracy {runs[-1]:.4f} ({speeds[-1]:.0f} img/s training)", err=True)
+    return {"arch": arch, "epochs": epochs, "n_train": len(train_images), "n_test": len(test_images),
+            **_summary(runs, speeds)}
+
+
+def _summary(runs: list[float], speeds: list[float]) -> dict:
     t = torch.tensor(runs, dtype=torch.float64)
     return {"mean": float(t.mean()), "std": float(t.std()) if len(runs) > 1 else 0.0, "runs": runs,
-            "arch": arch, "epochs": epochs, "n_train": len(train_images), "n_test": len(test_images),
-            "images_per_s": sum(speeds) / len(speeds)}
+            "images_per_s": sum(speeds) / len(speeds), "speeds": speeds}
+
+
+def merge_seed_results(parts: list[dict]) -> dict:
+    """One evaluate_synthetic result from results of disjoint seed ranges of the same set and protocol."""
+    if not parts or any((p["n_train"], p["epochs"], p["arch"]) != (parts[0]["n_train"], parts[0]["epochs"],
+                                                                   parts[0]["arch"]) for p in parts):
+        raise DpldmError("merge_seed_results: needs results of one train set and protocol")
+    return {**parts[0], **_summary([r for p in parts for r in p["runs"]], [s for p in parts for s in p["speeds"]])}

@@ -71,6 +71,7 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "all levels": ({"adapter.levels": ["down", "mid", "up"]}, None),
     # the adapter's dimension d: the noise's norm grows with sqrt(d) at a fixed clipped signal (matters most at eps 1)
     "rank 2": ({"adapter.rank": 2}, None),
+    "rank 4": ({"adapter.rank": 4}, None),
     "up level only": ({"adapter.levels": ["up"]}, None),
     "digit prompts": ({"model.class_names": [str(i) for i in range(10)],
                        "model.prompt_template": "a handwritten digit {name}"}, None),

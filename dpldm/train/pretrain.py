@@ -6,7 +6,9 @@
 - unet: a cross-attention latent U-Net (build_unet) on the frozen autoencoder (`model.vae`) and the
   frozen text encoder (`model.text_encoder`); epsilon/v prediction with the DDPM schedule, null-prompt
   dropout `model.cond_dropout`, EMA of the weights; writes `<output.dir>/pipeline/` (EMA weights,
-  plain diffusers StableDiffusionPipeline + dpldm.json) and a sample grid at every checkpoint.
+  plain diffusers StableDiffusionPipeline + dpldm.json) and a sample grid at every checkpoint. With
+  `data.public_latents` the public set is encoded once into `<output.dir>/unet/latent_cache` and batches are
+  drawn from it (the frozen autoencoder's encode no longer runs every step).
 Checkpoints live in `<output.dir>/<autoencoder|unet>/checkpoints/`; re-run the same command to resume
 (the stream restarts at the saved epoch). `data.batch_size` is the global batch (split over ranks).
 """
@@ -16,6 +18,7 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
@@ -23,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from dpldm.config import Config, load_config, save_config
 from dpldm.data.images import from_float_chw, make_grid
+from dpldm.data.latent_cache import LatentCache, ensure_cache
 from dpldm.data.shards import count_samples
 from dpldm.data.stream import stream_loader
 from dpldm.distributed.env import init_distributed
@@ -106,6 +110,31 @@ class PublicBatches:
             yield b["pixels"]
 
 
+class CachedPublicBatches:
+    """Endless batches of this rank from a latent cache of data.public (data.public_latents): epoch e visits the
+    permutation seeded by (public seed, e) in whole global batches; `epoch` and `pos` (batches done in it) make
+    the resume exact. Yields the posterior's scaled "mean" and "std" instead of "pixels"."""
+
+    def __init__(self, cache: LatentCache, cfg: Config, env):
+        if len(cache) < cfg.data.batch_size:
+            raise DpldmError(f"data.public {cfg.data.public}: {len(cache)} samples, fewer than one batch "
+                             f"(data.batch_size={cfg.data.batch_size})")
+        self.cache, self.env, self.seed, self.batch = cache, env, public_seed(cfg), cfg.data.batch_size
+        self.epoch, self.pos, self._order = 0, 0, (-1, None)
+
+    def __next__(self) -> dict:
+        if self.pos >= len(self.cache) // self.batch:
+            self.epoch, self.pos = self.epoch + 1, 0
+        if self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.cache)))
+        idx = np.sort(self._order[1][self.pos * self.batch:(self.pos + 1) * self.batch][self.env.rank::
+                                                                                      self.env.world_size])
+        self.pos += 1
+        got = self.cache.get(idx)
+        return {"mean": got["latents"], "std": torch.from_numpy(np.array(self.cache.stds[idx], dtype=np.float32)),
+                "label": got["labels"], "text": got["texts"], "key": [f"latent cache index {i}" for i in idx]}
+
+
 def condition_prompts(labels: list[int], texts: list[str], class_names: list[str], template: str,
                       keys: list[str] | None = None) -> list[str]:
     """The prompt of each example: its class prompt when labelled, else its caption, else ""."""
@@ -185,7 +214,11 @@ class UNetTrainer(Trainer):
         unet = self.comps.unet.to(device).train().requires_grad_(True)
         super().__init__(cfg, run_dir, unet, dict(unet.named_parameters()), total_steps(cfg), env)
         self.device, self.unet = device, unet
-        self.data = PublicBatches(cfg, env, cfg.model.resolution, vae.config.in_channels)
+        if cfg.data.public_latents:
+            cache = ensure_cache(cfg, vae, env, path=Path(run_dir) / "latent_cache", public=True)
+            self.data = CachedPublicBatches(cache, cfg, env)
+        else:
+            self.data = PublicBatches(cfg, env, cfg.model.resolution, vae.config.in_channels)
         self.ema = EMA(unet, cfg.model.ema_decay)
         self.alphas = self.comps.scheduler.alphas_cumprod.to(device)
         self.null = P.encode_prompts(self.comps, [""])[0]
@@ -214,8 +247,10 @@ class UNetTrainer(Trainer):
 
     def train_step(self, step: int) -> dict:
         batch = next(self.data)
-        pixels = batch["pixels"].to(self.device)
-        mean, std = P.encode_images(self.comps.vae, pixels)
+        if "pixels" in batch:
+            mean, std = P.encode_images(self.comps.vae, batch["pixels"].to(self.device))
+        else:
+            mean, std = batch["mean"].to(self.device), batch["std"].to(self.device)
         x0 = mean + std * torch.randn_like(mean)
         cond = self.encode(self.prompts_for(batch)).to(self.device)
         drop = torch.rand(len(x0)) < self.cfg.model.cond_dropout
@@ -235,10 +270,12 @@ class UNetTrainer(Trainer):
         return {"loss": loss.item(), "samples": len(x0) * self.env.world_size}
 
     def extra_state(self) -> dict:
-        return {"epoch": self.data.epoch, "max_label": self.max_label}
+        return {"epoch": self.data.epoch, "pos": getattr(self.data, "pos", 0), "max_label": self.max_label}
 
     def load_extra_state(self, state: dict) -> None:
         self.data.epoch, self.max_label = int(state.get("epoch", 0)), int(state.get("max_label", -1))
+        if isinstance(self.data, CachedPublicBatches):
+            self.data.pos = int(state.get("pos", 0))
         ema_file = self.latest_checkpoint() / "ema.safetensors"
         if ema_file.is_file():
             self.ema.load_state_dict(load_file(str(ema_file)))
