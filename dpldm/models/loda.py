@@ -62,15 +62,8 @@ class AdaptedLayer:
         return getattr(self, f"{self.prefix}_B")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and self._fusable():
-            # inference (sampling): W and A read the same input with the same geometry, so one call with their
-            # stacked weights does both (one im2col for a conv instead of two), then split the outputs
-            w = torch.cat([self.weight, self.adapter_a.weight.to(self.weight.dtype)])
-            b = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(self.rank)])
-            base, h = self._stacked_call(x, w, b).split([len(self.weight), self.rank], dim=self._channel_dim)
-        else:
-            base, h = super().forward(x), self.adapter_a(x)
-        return base + self.scale * self.adapter_b(self.adapter_act(h))
+        base = super().forward(x)
+        return base + self.scale * self.adapter_b(self.adapter_act(self.adapter_a(x)))
 
     # -- merging (only when the adapter is linear) --------------------------------------------
     @property
@@ -120,14 +113,6 @@ class LoDAConv2d(AdaptedLayer, nn.Conv2d):
     def _factory(self) -> dict:
         return {"device": self.weight.device, "dtype": self.weight.dtype}
 
-    _channel_dim = 1
-
-    def _fusable(self) -> bool:
-        return self.groups == 1
-
-    def _stacked_call(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return self._conv_forward(x, w, b)
-
     def _make_a(self, rank: int) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, rank, self.kernel_size, stride=self.stride, padding=self.padding,
                          dilation=self.dilation, bias=False, padding_mode=self.padding_mode, **self._factory())
@@ -155,14 +140,6 @@ class LoDALinear(AdaptedLayer, nn.Linear):
 
     def _factory(self) -> dict:
         return {"device": self.weight.device, "dtype": self.weight.dtype}
-
-    _channel_dim = -1
-
-    def _fusable(self) -> bool:
-        return True
-
-    def _stacked_call(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return nn.functional.linear(x, w, b)
 
     def _make_a(self, rank: int) -> nn.Linear:
         return nn.Linear(self.in_features, rank, bias=False, **self._factory())

@@ -2,8 +2,10 @@
 
 On a small CPU host one process using every core is not the fastest way through several independent jobs: the
 quickstart's models are small, and their kernels do not scale with intra-op threads. Measured on 2 cores
-(`benchmarks/threads_vs_processes.py`, docs/benchmarks.md): two one-thread processes do 1.3-1.4x the U-Net
-training work and 1.2x the classifier training work of one two-thread process, and the same sampling work.
+(`benchmarks/threads_vs_processes.py`, docs/benchmarks.md, two runs): two one-thread processes do 1.33-1.37x the
+U-Net training work, 1.12-1.19x the classifier training work and 0.99-1.27x the sampling work of one two-thread
+process. The threads of all processes together must not exceed the cores: oversubscribed, OpenMP's spinning threads
+slowed a sampler here ~10x (0.86 s -> ~10 s per batch of 250 while a two-process test ran beside it).
 Jobs are spawned (not forked: forking a process that has run torch's OpenMP threads can deadlock the child),
 so `fn` must be a module-level function and its arguments picklable. Each job reads and writes its own files
 (run directories are resumed by re-running), so a failed job loses nothing the others did.
