@@ -62,7 +62,7 @@ SELECTION_NOTE = (
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of every stage; `full` takes 30 minutes on 2 CPU cores (docs/results.md), `fast` ~3 (CI smoke)."""
+    """Sizes of every stage; `full` takes 18.6 minutes on 2 CPU cores (docs/results.md), `fast` ~3 (CI smoke)."""
     public_n: int
     private_n: int
     test_n: int
@@ -92,7 +92,7 @@ FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=2400, pr
 # eps, more steps at the same lr do not pay -- 800 x 512 collapsed to 52.6% at eps = 1, its adapters random-walked by
 # sigma 1.81 (docs/results.md) -- while a 5x batch cuts each step's noise sigma*C/B (sigma/B: 0.86e-3 -> 0.28e-3 at
 # eps = 10, 1.89e-3 -> 1.57e-3 at eps = 1) over the same 160 steps at the same lr. A public-reasoning choice: the
-# proxy (1,347 digits) cannot hold a batch of 2,560.
+# proxy (1,347 digits) cannot hold a batch of 2,560. Measured: 40 minutes on 2 cores, 95.9% / 93.4% (docs/results.md).
 LONG = Plan(public_n=0, private_n=0, test_n=0, ae_steps=600, unet_steps=4000, pretrain_batch=64, ft_steps=160,
             expected_batch=2560, multiplicity=1, synthetic_n=50000, baseline_n=50000, sample_steps=4, clf_epochs=5,
             clf_seeds=2, dpsgd_epochs=3)
