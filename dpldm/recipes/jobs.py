@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
@@ -25,25 +24,13 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _timed(fn: Callable, args: tuple):
-    t0 = time.time()
-    out = fn(*args)
-    return out, time.time() - t0
-
-
-def run_jobs(jobs: list[tuple[str, Callable, tuple]], timings: dict | None = None, workers: int = 2) -> list:
+def run_jobs(jobs: list[tuple[str, Callable, tuple]], workers: int = 2) -> list:
     """[fn(*args) for each (name, fn, args)], run by `workers` spawned processes of cpu_count // workers threads
-    each, in order of submission; each job's seconds go to timings[name]. A failed job raises once the other jobs
-    have finished."""
+    each, in order of submission (`name` says what the job is, for whoever reads the call). A failed job raises once
+    the other jobs have finished."""
     workers = max(1, min(workers, os.cpu_count() or 1, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(_timed, fn, args) for _, fn, args in jobs]
-        results = []
-        for (name, _, _), future in zip(jobs, futures):
-            out, seconds = future.result()
-            if timings is not None:
-                timings[name] = round(seconds, 1)
-            results.append(out)
-    return results
+        futures = [pool.submit(fn, *args) for _, fn, args in jobs]
+        return [future.result() for future in futures]
