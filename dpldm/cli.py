@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=None)
     smp.add_argument("--batch-size", type=int, default=None)
     smp.add_argument("--resolution", type=int, default=None, help="pixels (multiple of the VAE factor)")
+    smp.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                     help="auto: bf16 where the device has it natively (dpldm/precision.py)")
     smp.set_defaults(handler="dpldm.sample:main")
     exp = verbs.add_parser("export", help="write a plain-diffusers pipeline folder with adapters")
     exp.add_argument("run", help="run directory")

@@ -172,6 +172,7 @@ class SampleConfig:
     guidance: float = 2.0           # classifier-free guidance scale (1 = none)
     seed: int = 0                   # public sampling seed: image i uses (seed, i)
     resolution: int = 0             # 0 = the model's resolution
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where native (dpldm/precision.py)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from dpldm.errors import DpldmError
 from dpldm.log import log
 from dpldm.models.adapters import load_adapter
 from dpldm.models.pipeline import class_prompts, encode_prompts, load_pipeline
+from dpldm.precision import autocast, resolve
 from dpldm.rng import RunRandomness
 from dpldm.run_dir import SAMPLES_META, RunDir
 
@@ -100,8 +101,9 @@ def plan_prompts(meta: dict, cfg: Config | None, n: int, class_id: int | None, p
 
 @torch.no_grad()
 def generate(comps, prompts: list[str], indices: list[int], *, guidance: float, steps: int, scheduler: str,
-             seed: int, batch_size: int, resolution: int) -> torch.Tensor:
-    """Images [len(indices), C, H, W] in [0, 1]; image i uses the generator seeded with (seed, i)."""
+             seed: int, batch_size: int, resolution: int, precision: str = "fp32") -> torch.Tensor:
+    """Images [len(indices), C, H, W] in [0, 1]; image i uses the generator seeded with (seed, i); the U-Net and
+    the decoder run at `precision` (dpldm/precision.py: bf16 autocast or fp32)."""
     if comps.vae.dtype != comps.unet.dtype:  # frozen parts are bf16 on CUDA; the pipeline decodes U-Net-dtype latents
         comps.vae.to(comps.unet.dtype)
     pipe = make_pipeline(comps, scheduler)
@@ -118,9 +120,10 @@ def generate(comps, prompts: list[str], indices: list[int], *, guidance: float, 
         table = dict(zip(unique, encode_prompts(comps, unique)))
         cond = torch.stack([table[p] for p in batch])
         gens = [rng.torch("sample", i) for i in idx]
-        images = pipe(prompt_embeds=cond, negative_prompt_embeds=null.expand_as(cond), num_inference_steps=steps,
-                      guidance_scale=guidance, generator=gens, height=resolution, width=resolution,
-                      output_type="pt").images
+        with autocast(precision, comps.unet.device.type):
+            images = pipe(prompt_embeds=cond, negative_prompt_embeds=null.expand_as(cond), num_inference_steps=steps,
+                          guidance_scale=guidance, generator=gens, height=resolution, width=resolution,
+                          output_type="pt").images
         out.append(images.float().cpu().clamp(0, 1))
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -155,7 +158,7 @@ def write_outputs(images: torch.Tensor, indices: list[int], prompts: list[str], 
 def sample_run(run: str | Path, out: str | Path | None = None, *, n: int | None = None, class_id: int | None = None,
                prompt: str | None = None, prompts_file: str | None = None, guidance: float | None = None,
                steps: int | None = None, scheduler: str | None = None, seed: int | None = None,
-               batch_size: int | None = None, resolution: int | None = None) -> Path:
+               batch_size: int | None = None, resolution: int | None = None, precision: str | None = None) -> Path:
     env = init_distributed()
     device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
     loaded = load_run(run, device)
@@ -166,14 +169,20 @@ def sample_run(run: str | Path, out: str | Path | None = None, *, n: int | None 
     prompts, labels = plan_prompts(loaded.meta, loaded.cfg, n, class_id, prompt, prompts_file)
     indices = list(range(env.rank, n, env.world_size))
     settings = {"guidance": sc.guidance if guidance is None else guidance, "steps": steps or sc.steps,
-                "scheduler": scheduler or sc.scheduler, "seed": sc.seed if seed is None else seed}
-    images = generate(loaded.comps, prompts, indices, **settings, batch_size=batch_size or sc.batch_size,
-                      resolution=int(res))
+                "scheduler": scheduler or sc.scheduler, "seed": sc.seed if seed is None else seed,
+                "precision": precision or sc.precision}
+    used = resolve(settings["precision"], device.split(":")[0])
+    if env.is_main:
+        log(f"sample: {n} images, {settings['steps']} {settings['scheduler']} steps, "
+            f"guidance {settings['guidance']:g}, {used} (sample.precision={settings['precision']})")
+    images = generate(loaded.comps, prompts, indices, batch_size=batch_size or sc.batch_size,
+                      resolution=int(res), **{**settings, "precision": used})
     out = Path(out) if out else Path(run) / "samples"
     write_outputs(images, indices, prompts, labels, out, env.rank)
     if env.is_main:
         save_grid(images[:100], out / "grid.png", nrow=10 if labels[0] >= 0 else None)
         (out / SAMPLES_META).write_text(json.dumps({"n": n, "resolution": int(res), **settings,
+                                                      "dtype": used,
                                                       "labels": labels[:n], "run": str(run)}, indent=2))
         log(f"sample: wrote {n} images to {out} (grid {out / 'grid.png'})")
     barrier()
@@ -183,5 +192,5 @@ def sample_run(run: str | Path, out: str | Path | None = None, *, n: int | None 
 def main(args) -> int:
     sample_run(args.run, args.out or None, n=args.n, class_id=args.class_id, prompt=args.prompt,
                prompts_file=args.prompts_file, guidance=args.guidance, steps=args.steps, scheduler=args.scheduler,
-               seed=args.seed, batch_size=args.batch_size, resolution=args.resolution)
+               seed=args.seed, batch_size=args.batch_size, resolution=args.resolution, precision=args.precision)
     return 0

@@ -71,3 +71,29 @@ def test_prompt_and_class_options(tmp_path, pipe32):
     assert s["txt"].decode() == "a handwritten seven" and "cls" not in s
     with pytest.raises(DpldmError, match="--class"):
         sample_run(pipe32, tmp_path / "c", n=2, class_id=11, steps=1)
+
+
+def test_bf16_sampling_stays_close_to_fp32(pipe32):
+    """sample.precision bf16 runs the U-Net and decoder under bf16 autocast: not bit-equal to fp32 (so it ran),
+    but the same images to within bf16 rounding; fp32 is the exact default of generate()."""
+    comps = load_pipeline(pipe32)
+    prompts = ["digit 1", "digit 2"]
+    fp32 = generate(comps, prompts, [0, 1], guidance=2.0, seed=3, resolution=32, **GEN)
+    again = generate(comps, prompts, [0, 1], guidance=2.0, seed=3, resolution=32, precision="fp32", **GEN)
+    bf16 = generate(comps, prompts, [0, 1], guidance=2.0, seed=3, resolution=32, precision="bf16", **GEN)
+    assert torch.equal(fp32, again)
+    diff = (bf16 - fp32).abs()
+    assert 0 < diff.mean() < 0.02 and diff.max() < 0.2
+
+
+def test_precision_auto_follows_the_cpu_flags(tmp_path, pipe32):
+    from dpldm.precision import native_bf16, resolve
+    flags = open("/proc/cpuinfo").read().split()
+    assert native_bf16("cpu") == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    assert resolve("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    assert resolve("fp32", "cpu") == "fp32" and resolve("bf16", "cpu") == "bf16"
+    with pytest.raises(DpldmError, match="sample.precision"):
+        resolve("fp16", "cpu")
+    out = sample_run(pipe32, tmp_path / "s", n=2, steps=1, scheduler="ddim")
+    record = json.loads((out / "samples.json").read_text())
+    assert record["precision"] == "auto" and record["dtype"] == resolve("auto", "cpu")

@@ -73,10 +73,20 @@ def _log(run: Path, job: str) -> str:
     return path.read_text() if path.exists() else "(no log)"
 
 
+def _wait(cluster, run: Path, job: str, timeout: float) -> str:
+    """The job's terminal state; on a timeout, fails with the job's own log and the daemons' (a hang seen once in
+    CI left nothing to read: the run dir was gone when the error was read)."""
+    from slurm_cluster import ClusterError
+    try:
+        return cluster.wait(job, timeout=timeout)
+    except ClusterError as e:
+        pytest.fail(f"{e}\n--- job log\n{_log(run, job)}\n--- cluster\n{cluster.tail_logs()}")
+
+
 def test_launcher_two_node_dp_finetune_completes_and_writes_ledger(slurm_cluster, finetune_yaml, tmp_path):
     run = tmp_path / "run"
     job = _submit(slurm_cluster, finetune_yaml, f"output.dir={run}", "train.steps=3")
-    state = slurm_cluster.wait(job, timeout=400)
+    state = _wait(slurm_cluster, run, job, timeout=400)
     assert state == "COMPLETED", _log(run, job)
     assert (run / "slurm-job.sbatch").exists()
     ledger = json.loads((run / "privacy.json").read_text())
@@ -102,7 +112,7 @@ def test_cancelled_job_resubmitted_resumes_with_unchanged_ledger_history(slurm_c
     assert 3 <= before["steps"] < 12, "the run finished before it could be cancelled"
 
     job2 = _submit(slurm_cluster, finetune_yaml, *over)
-    state = slurm_cluster.wait(job2, timeout=500)
+    state = _wait(slurm_cluster, run, job2, timeout=500)
     assert state == "COMPLETED", _log(run, job2)
     assert "resumed from" in _log(run, job2)
     after = json.loads((run / "privacy.json").read_text())

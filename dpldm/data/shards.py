@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import tarfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,24 +82,113 @@ def expand_shards(pattern: str) -> list[str]:
     return shards
 
 
+_BLOCK = 512
+
+
+class _Prepended:
+    """A read-only stream: `head` bytes, then the rest of `stream` (to hand tarfile a stream already peeked at)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n is None or n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + (self.stream.read(n - len(out)) if len(out) < n else b"")
+
+
+def _read_exact(stream, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _checksum_ok(block: bytes) -> bool:
+    try:
+        stored = int(block[148:156].strip(b" \0") or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 256 + sum(block[156:])     # the checksum field counts as 8 spaces
+
+
+def _number(field: bytes) -> int:
+    if field[0] & 0x80:                      # GNU base-256
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b" \0") or b"0", 8)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _tar_files(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a tar stream. Uncompressed ustar / GNU / pax tars (what webdataset and
+    img2dataset write) are parsed here, block by block: 5-10x less Python per member than tarfile, which reads
+    loading 30,000 samples in ~10 s. Anything else (gzip, ...) goes to tarfile. Like tarfile's stream mode, the
+    archive ends at a zero, missing or invalid header after the first (the pack manifest check reports lost samples);
+    a header or member data cut short raises tarfile.ReadError."""
+    block = _read_exact(stream, _BLOCK)
+    if len(block) < _BLOCK or not _checksum_ok(block):
+        tar = tarfile.open(fileobj=_Prepended(block, stream), mode="r|*")
+        for info in tar:
+            if info.isreg():
+                data = tar.extractfile(info).read()
+                tar.members = []
+                yield info.name, data
+        return
+    long_name, pax = None, {}
+    while len(block) == _BLOCK and _checksum_ok(block):
+        size = int(pax["size"]) if "size" in pax else _number(block[124:136])
+        data = _read_exact(stream, size)
+        if len(data) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        _read_exact(stream, -size % _BLOCK)
+        flag = block[156:157]
+        if flag == b"L":                     # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif flag == b"x":                   # pax header of the next member
+            pax = _pax_records(data)
+        elif flag != b"g":                   # (a pax global header changes nothing read here)
+            if flag in (b"0", b"\0", b"7"):
+                name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if prefix and block[257:262] == b"ustar" and not block[257:265] == b"ustar  \0":
+                    name = f"{prefix}/{name}"
+                yield long_name or pax.get("path") or name, data
+            long_name, pax = None, {}
+        block = _read_exact(stream, _BLOCK)
+        if 0 < len(block) < _BLOCK:
+            raise tarfile.ReadError("truncated header")
+
+
 def _read_shard(url: str) -> Iterator[dict]:
     """Raw records {"__key__", "__url__", ext: bytes} of one shard; _ShardBroken on a bad tar."""
     last_key, current = "(start of shard)", None
     stream, completed = None, False
     try:
         stream = gopen(url, "rb")
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        for info in tar:
-            if not info.isreg():
-                continue
-            name = info.name
+        for name, data in _tar_files(stream):
             if "/" not in name and name.startswith("__") and name.endswith("__"):
                 continue
             prefix, suffix = base_plus_ext(name)
             if prefix is None:
                 continue
-            data = tar.extractfile(info).read()
-            tar.members = []
             if current is not None and prefix != current["__key__"]:
                 last_key = current["__key__"]
                 yield current
@@ -303,9 +393,9 @@ class ShardWriter:
                  start_shard: int = 0, mtime: int | None = None):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        extra = {"mtime": mtime} if mtime is not None else {}
+        # an integer mtime: with webdataset's float default, tarfile adds a pax header to every member
         self._sink = wds.ShardWriter(str(self.out / pattern), maxcount=maxcount, start_shard=start_shard,
-                                     verbose=0, **extra)
+                                     verbose=0, mtime=int(time.time()) if mtime is None else mtime)
         self.paths: list[str] = []
 
     def write(self, key: str, image, *, fmt: str = "png", label: int | None = None, text: str | None = None,

@@ -137,7 +137,8 @@ def pack_sets(out: Path, plan: Plan, names=("fashion", "private", "test")) -> di
     for name in names:
         source, split, limit = jobs[name]
         paths[name] = out / "data" / f"{source.replace(':', '-')}-{split}"
-        pack(source, paths[name], split=split, limit=limit, shard_size=10000, private=name == "private")
+        pack(source, paths[name], split=split, limit=limit, shard_size=5000,   # even shards over 2 workers
+             private=name == "private")
     return paths
 
 
@@ -235,7 +236,8 @@ def sampled(run: Path, n: int, out: Path | None = None, **settings):
     with the same n and settings."""
     out = out or run / "samples"
     sc = load_config(run / "config.yaml").sample
-    want = {"n": n, "guidance": sc.guidance, "steps": sc.steps, "scheduler": sc.scheduler, "seed": sc.seed, **settings}
+    want = {"n": n, "guidance": sc.guidance, "steps": sc.steps, "scheduler": sc.scheduler, "seed": sc.seed,
+            "precision": sc.precision, **settings}
     done = out / "samples.json"
     if not (done.exists() and all(json.loads(done.read_text()).get(k) == v for k, v in want.items())):
         sample_run(run, out, **want)

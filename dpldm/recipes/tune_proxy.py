@@ -68,8 +68,11 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "lr 1e-2": ({"optim.lr": 1e-2}, None),
     "lr 1e-1": ({"optim.lr": 1e-1}, None),
     "lr warm-up 10 steps": ({"optim.warmup_steps": 10}, None),
+    "lr cosine decay": ({"optim.decay": "cosine"}, None),   # the last steps' noise moves the adapter less
+    "adapter EMA 0.9": ({"train.ema_decay": 0.9}, None),   # iterate averaging (post-processing: no privacy cost)
     "all levels": ({"adapter.levels": ["down", "mid", "up"]}, None),
     # the adapter's dimension d: the noise's norm grows with sqrt(d) at a fixed clipped signal (matters most at eps 1)
+    "rank 1": ({"adapter.rank": 1}, None),
     "rank 2": ({"adapter.rank": 2}, None),
     "rank 4": ({"adapter.rank": 4}, None),
     "up level only": ({"adapter.levels": ["up"]}, None),
