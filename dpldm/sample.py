@@ -22,6 +22,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from dpldm.config import Config, load_config
+from dpldm.data.images import encode_image
 from dpldm.data.shards import ShardWriter
 from dpldm.distributed.env import barrier, init_distributed
 from dpldm.errors import DpldmError
@@ -148,9 +149,10 @@ def write_outputs(images: torch.Tensor, indices: list[int], prompts: list[str], 
     arrays = to_uint8(images)
     with ShardWriter(out / "shards", f"shard-r{rank:03d}-%06d.tar", maxcount=10000) as sink:
         for arr, i in zip(arrays, indices):
-            Image.fromarray(arr).save(out / "images" / f"{i:06d}.png")
+            png = encode_image(arr, "png")           # encoded once, for the file and the shard
+            (out / "images" / f"{i:06d}.png").write_bytes(png)
             labelled = labels[i] >= 0
-            sink.write(f"{i:08d}", arr, label=labels[i] if labelled else None,
+            sink.write(f"{i:08d}", png, label=labels[i] if labelled else None,
                        text=None if labelled else prompts[i],
                        meta={"prompt": prompts[i], "label": labels[i], "index": i})
 

@@ -387,7 +387,8 @@ def check_complete(pattern: str, read: int, log=_log) -> None:
 
 class ShardWriter:
     """Samples → OUT/<pattern % shard number> tars of at most `maxcount` samples each (a context manager);
-    `paths` lists the shards written. Images are PIL images or uint8 arrays ([H,W] gray, [H,W,C])."""
+    `paths` lists the shards written. Images are PIL images, uint8 arrays ([H,W] gray, [H,W,C]) or bytes already
+    encoded in `fmt`."""
 
     def __init__(self, out_dir: str | Path, pattern: str = "shard-%06d.tar", *, maxcount: int = 10000,
                  start_shard: int = 0, mtime: int | None = None):
@@ -400,7 +401,7 @@ class ShardWriter:
 
     def write(self, key: str, image, *, fmt: str = "png", label: int | None = None, text: str | None = None,
               meta: dict | None = None) -> None:
-        sample = {"__key__": key, fmt: encode_image(image, fmt)}
+        sample = {"__key__": key, fmt: image if isinstance(image, bytes) else encode_image(image, fmt)}
         if label is not None:
             sample["cls"] = str(int(label)).encode()
         if text is not None:
