@@ -49,3 +49,14 @@ def test_ranks_drawing_different_noise_refuse(cache_dir):
     out = _torchrun(cache_dir, "noise")
     assert out.returncode != 0 and out.stdout.count("REFUSED") == 2, out.stdout + out.stderr[-2000:]
     assert "ranks drew different noise" in out.stdout
+
+
+def test_rank_that_finds_the_cache_already_built_still_waits_at_the_same_barrier(tmp_path):
+    """Rank 1 looks at the cache only once rank 0 has encoded it: it must not skip the barrier rank 0 waits at
+    (it did, and a two-node SLURM fine-tune hung in CI: rank 0 in the barrier, rank 1 in the next collective)."""
+    from dpldm.config import save_config
+    pipe, shards = make_tiny_pipeline(tmp_path / "pipe"), make_mnist_shards(tmp_path / "mnist", n=32)
+    config = tmp_path / "finetune.yaml"
+    save_config(finetune_config(tmp_path, pipe, shards), config)
+    out = torchrun([str(WORKER), "--config", str(config), "--mode", "late"], timeout=180)
+    assert out.returncode == 0 and out.stdout.count("AGREED") == 2, out.stdout + out.stderr[-2000:]

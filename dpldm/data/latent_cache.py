@@ -177,15 +177,17 @@ def build_cache(cfg: Config, vae, path: Path, log=log, public: bool = False) -> 
 
 def ensure_cache(cfg: Config, vae, env=None, log=log, path: Path | None = None, public: bool = False) -> LatentCache:
     """Reuse a fresh cache of data.private (public=True: data.public) at `path` (default cache_dir_for(cfg));
-    otherwise rank 0 encodes while the other ranks wait."""
+    otherwise rank 0 encodes while the other ranks wait. Rank 0 alone decides whether to encode and every rank
+    takes the same barrier: a rank that looked later would see rank 0's new cache as fresh, skip the barrier
+    and enter the next collective alone (a two-node SLURM job hung so in CI)."""
     path = path or cache_dir_for(cfg)
-    identity = encoder_identity(vae)
-    if not is_fresh(path, public_data_cfg(cfg) if public else cfg, identity):
-        if env is None or env.is_main:
-            if path.exists():
-                log(f"encode: cache {path} is stale (encoder, source or settings changed): rebuilding")
-            build_cache(cfg, vae, path, log=log, public=public)
-        barrier()
+    main = env is None or env.is_main
+    stale = main and not is_fresh(path, public_data_cfg(cfg) if public else cfg, encoder_identity(vae))
+    if main and stale:
+        if path.exists():
+            log(f"encode: cache {path} is stale (encoder, source or settings changed): rebuilding")
+        build_cache(cfg, vae, path, log=log, public=public)
+    barrier()
     return LatentCache(path)
 
 
