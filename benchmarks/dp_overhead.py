@@ -1,7 +1,20 @@
 """DP overhead: step time and peak memory of the DP step over the non-private step, per adapter kind.
 
     .venv/bin/python benchmarks/dp_overhead.py [--batch 64] [--k 1] [--repeat 3] [--kinds loda lora ...]
-    .venv/bin/python benchmarks/dp_overhead.py --sd [--sd-microbatch 1 2]     # SD-1.5-size U-Net, CPU
+    .venv/bin/python benchmarks/dp_overhead.py --sd [--sd-microbatch 1 2] [--sd-kind attention|lora ...]
+        [--sd-dtype fp32|bf16] [--sd-max-microbatch [--sd-max-cap 1024]]   # SD-1.5-size U-Net, CPU or GPU
+
+On a lent GPU (H100/H200), the one command for issue 13's figures (bf16 step, images/s DP vs non-DP LoRA,
+the largest micro-batch that fits):
+
+    .venv/bin/python benchmarks/dp_overhead.py --sd --sd-kind lora --sd-dtype bf16 --sd-microbatch 16 64 \
+        --sd-max-microbatch
+
+Estimate (not measured): the SD-1.5 U-Net forward at 32×32 latents is ~0.4 TFLOP per image, a training step
+~3× that, so at ~300 TFLOP/s bf16 sustained a step costs ~4 ms per image (~1 s at micro-batch 256) and the
+run is dominated by ~50 fresh processes (8 for the timed micro-batches, ~12 per variant for the search up to
+the 1024 cap, whose tries at 16 and 64 are the memory runs' own), each ~5 s of import, CUDA init and U-Net
+build: ~5 minutes in all.
 
 The model is the quickstart latent U-Net (UNet2DConditionModel, channels [64, 128], cross-attention
 at the second level, MiniLM-sized 16×384 conditioning) on 8×8×4 latents. One step = the gradient of
@@ -22,6 +35,9 @@ round (load drifts on a shared machine hit all alike); median over `--repeat` ro
 warm-up round. Memory: a fresh process per (kind, variant), growth of peak RSS during its first
 step on CPU, of `torch.cuda.max_memory_allocated` on GPU. Prints a table and writes the
 "DP overhead" section of docs/benchmarks.md (with `--sd`: the "DP at Stable-Diffusion scale" section).
+`--sd-max-microbatch` (CUDA only): per SD variant, the micro-batch doubled from 1 until
+torch.cuda.OutOfMemoryError (or `--sd-max-cap`), then bisected between the last fit and the first OOM to
+within 10%; every try is a first step in a fresh process, so an OOM never poisons the next one.
 """
 from __future__ import annotations
 
@@ -32,6 +48,7 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,7 +244,8 @@ def _cell(value, base, unit: str, scale: float) -> str:
     if value is None:
         return "n/a"
     v = value * scale
-    return (f"{v:.1f}" if v < 100 else f"{v:.0f}") + f" {unit} ({value / max(base, 1e-12):.2f}×)"
+    ratio = f" ({value / max(base, 1e-12):.2f}×)" if base is not None else ""
+    return (f"{v:.1f}" if v < 100 else f"{v:.0f}") + f" {unit}{ratio}"
 
 
 def table(results: dict, args) -> str:
@@ -275,9 +293,9 @@ SD15_UNET = dict(                         # the public SD-1.5 unet/config.json, 
 SD_VARIANTS = ["nondp", "dp", "dp_ghost"]
 
 
-def sd_steps(microbatch: int, threads: int):
-    """The SD-1.5-size U-Net (attention adapter, 32×32×4 latents, 77×768 text states, K = 1), its
-    facts, and one step function per SD variant (gradient of one micro-batch)."""
+def sd_steps(microbatch: int, threads: int, kind: str, dtype: str):
+    """The SD-1.5-size U-Net (`kind` adapter, `dtype` weights and inputs, 32×32×4 latents, 77×768 text
+    states, K = 1), its facts, and one step function per SD variant (gradient of one micro-batch)."""
     import torch
     from diffusers import UNet2DConditionModel
     from torch.func import functional_call
@@ -290,14 +308,17 @@ def sd_steps(microbatch: int, threads: int):
     from dpldm.privacy.ghost_clipping import ghost_clipped_grad_sum
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device)
-    attach_adapter(unet, AdapterConfig(kind="attention"))
+    with device:                              # built in place: a 1-thread CPU init of 860M weights takes seconds
+        unet = UNet2DConditionModel(**SD15_UNET)
+    attach_adapter(unet, AdapterConfig(kind=kind))
+    unet.to(dt)                               # bf16: the whole U-Net cast, as DeepSpeed's bf16 mode runs it
     params = trainable_named_parameters(unet)
     alphas = build_scheduler(ModelConfig()).alphas_cumprod.to(device)
     b = microbatch
-    batch = (torch.randn(b, 4, 32, 32, device=device), torch.randn(b, 77, 768, device=device),
-             torch.randint(0, 1000, (b, 1), device=device), torch.randn(b, 1, 4, 32, 32, device=device))
+    batch = (torch.randn(b, 4, 32, 32, device=device, dtype=dt), torch.randn(b, 77, 768, device=device, dtype=dt),
+             torch.randint(0, 1000, (b, 1), device=device), torch.randn(b, 1, 4, 32, 32, device=device, dtype=dt))
 
     def batch_loss(p, x, c, tt, n):
         call = lambda x_t, ts, cc: functional_call(unet, p, (x_t, ts), {"encoder_hidden_states": cc,
@@ -316,67 +337,160 @@ def sd_steps(microbatch: int, threads: int):
                                        1.0, b),
         "dp_ghost": lambda: ghost_clipped_grad_sum(unet, params, batch_loss, batch, 1.0, b)}
     facts = {"trainable": sum(p.numel() for p in params.values()), "total": sum(p.numel() for p in unet.parameters()),
-             "weights_bytes": sum(p.numel() * p.element_size() for p in unet.parameters())}
+             "weights_bytes": sum(p.numel() * p.element_size() for p in unet.parameters()),
+             "device": f"CPU, {threads} thread(s)"}
+    if device.type == "cuda":
+        gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        facts["device"] = f"{torch.cuda.get_device_name()} ({gib:.0f} GiB)"
     return torch, device, facts, {k: synced(v) for k, v in steps.items()}
 
 
-def measure_sd(what: str, microbatch: int, threads: int, repeat: int) -> dict:
+def _failure(torch, e: Exception) -> dict:
+    """A failed step as a record: its one-line message; the traceback goes to stderr (the parent shows it)
+    unless it is an OOM (the --sd-max-microbatch search's signal)."""
+    oom = isinstance(e, torch.cuda.OutOfMemoryError)
+    if not oom:
+        traceback.print_exc()
+    return {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", "oom": oom}
+
+
+def measure_sd(what: str, microbatch: int, threads: int, repeat: int, kind: str, dtype: str) -> dict:
     """what = 'time': median of every SD variant interleaved over `repeat` rounds after a warm-up;
-    what = a variant: peak memory growth of its first step (a fresh process per call)."""
-    torch, device, facts, steps = sd_steps(microbatch, threads)
+    what = a variant: peak memory growth of its first step (a fresh process per call).
+    A variant whose step raises is recorded as failed (its message) and the others carry on."""
+    torch, device, facts, steps = sd_steps(microbatch, threads, kind, dtype)
     if what != "time":
-        return {**facts, "peak_bytes": peak_growth(torch, device, steps[what])}
-    times = {v: [] for v in SD_VARIANTS}
+        try:
+            return {**facts, "peak_bytes": peak_growth(torch, device, steps[what])}
+        except Exception as e:
+            return {**facts, **_failure(torch, e)}
+    times, errors = {v: [] for v in SD_VARIANTS}, {}
     for rnd in range(repeat + 1):
-        for v in SD_VARIANTS:
+        for v in [v for v in SD_VARIANTS if v not in errors]:
             t0 = time.perf_counter()
-            steps[v]()
+            try:
+                steps[v]()
+            except Exception as e:
+                errors[v] = _failure(torch, e)["error"]
+                continue
             if rnd:
                 times[v].append(time.perf_counter() - t0)
-    return {**facts, **{v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}}
+    return {**facts, "errors": errors, **{v: sorted(ts)[len(ts) // 2] if ts else None for v, ts in times.items()}}
+
+
+def sd_child(what: str, mb: int, args) -> dict:
+    """One --sd measurement (`what` = 'time' or a variant, at micro-batch `mb`) in a fresh process."""
+    cmd = [sys.executable, __file__, "--sd-child", what, str(mb), "--threads", str(args.threads),
+           "--repeat", str(args.sd_repeat), "--sd-kind", args.sd_kind, "--sd-dtype", args.sd_dtype]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"dp_overhead --sd: {what} micro-batch {mb} failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if r.get("errors") or (r.get("error") and not r["oom"]):
+        print(out.stderr[-6000:], file=sys.stderr, flush=True)     # the failing variant's traceback
+    return r
+
+
+def max_microbatch(variant: str, res: dict, args) -> str:
+    """The largest micro-batch whose first step of `variant` completes, as a table cell: doubled from 1
+    until a try fails (OOM) or reaches --sd-max-cap, then bisected between the last fit and the first
+    failure to within 10%. Each try is a memory child (a fresh process); those --sd-microbatch ran are reused."""
+    tries = {mb: r for (what, mb), r in res.items() if what == variant}
+
+    def fits(mb: int) -> bool:
+        if mb not in tries:
+            tries[mb] = sd_child(variant, mb, args)
+            print(f"SD max micro-batch, {LABELS[variant]}, {mb}: {tries[mb].get('error', 'fits')}", flush=True)
+        return "error" not in tries[mb]
+    fit, bad, mb = 0, None, 1
+    while bad is None and fit < args.sd_max_cap:
+        if fits(mb):
+            fit, mb = mb, min(2 * mb, args.sd_max_cap)
+        else:
+            bad = mb
+    while bad is not None and bad - fit > max(1, fit / 10):
+        mid = (fit + bad) // 2
+        if fits(mid):
+            fit = mid
+        else:
+            bad = mid
+    cell = f"{fit} ({tries[fit]['peak_bytes'] / 2**30:.1f} GiB)" if fit else "none"
+    if bad is None:
+        return f"≥ {cell} (the cap)"
+    return cell if tries[bad]["oom"] else f"{cell}; at {bad}: {tries[bad]['error']}"
+
+
+def sd_command(args) -> str:
+    """The command line that reproduces this --sd run (every flag that shapes it)."""
+    cmd = (f".venv/bin/python benchmarks/dp_overhead.py --sd --sd-kind {args.sd_kind} --sd-dtype {args.sd_dtype} "
+           f"--sd-microbatch {' '.join(map(str, args.sd_microbatch))} --sd-repeat {args.sd_repeat} "
+           f"--threads {args.threads}")
+    return cmd + (f" --sd-max-microbatch --sd-max-cap {args.sd_max_cap}" if args.sd_max_microbatch else "")
+
+
+def _rate(images: int, seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    r = images / seconds
+    return f"{r:.2f}" if r < 10 else f"{r:.0f}"
 
 
 def sd_section(args) -> str:
+    import torch
+    cuda = torch.cuda.is_available()          # no CUDA context in this process: the children get the whole GPU
+    if args.sd_max_microbatch and not cuda:
+        print("dp_overhead --sd-max-microbatch: CUDA only (it searches for torch.cuda.OutOfMemoryError); "
+              "skipped on this CPU", flush=True)
     res, load = {}, os.getloadavg()[0]
     for mb in args.sd_microbatch:
         for what in ["time"] + SD_VARIANTS:
-            cmd = [sys.executable, __file__, "--sd-child", what, str(mb), "--threads", str(args.threads),
-                   "--repeat", str(args.sd_repeat)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
-            if out.returncode != 0:
-                raise SystemExit(f"dp_overhead --sd: {what} micro-batch {mb} failed:\n{out.stderr[-3000:]}")
-            res[what, mb] = json.loads(out.stdout.strip().splitlines()[-1])
+            res[what, mb] = sd_child(what, mb, args)
             print(f"SD micro-batch {mb} {what}: {res[what, mb]}", flush=True)
-    any_r = next(iter(res.values()))
+    maxes = {v: max_microbatch(v, res, args) for v in SD_VARIANTS} if args.sd_max_microbatch and cuda else {}
+    failed = {v: r["errors"][v] for (what, _), r in res.items() if what == "time" for v in r["errors"]}
+    failed.update({v: r["error"] for (v, _), r in res.items() if r.get("error") and not r["oom"] and v not in failed})
+    any_r, unit = next(iter(res.values())), ("ms", 1e3) if cuda else ("s", 1)
     lines = ["| micro-batch | " + " | ".join(f"{LABELS[v]} time" for v in SD_VARIANTS) + " | "
+             + " | ".join(f"{LABELS[v]} images/s" for v in SD_VARIANTS) + " | "
              + " | ".join(f"{LABELS[v]} peak mem" for v in SD_VARIANTS) + " |",
-             "|---" + "|---:" * (2 * len(SD_VARIANTS)) + "|"]
+             "|---" + "|---:" * (3 * len(SD_VARIANTS)) + "|"]
     for mb in args.sd_microbatch:
         base, tm = res["nondp", mb], res["time", mb]
-        lines.append(f"| {mb} | " + " | ".join(_cell(tm[v], tm["nondp"], "s", 1) for v in SD_VARIANTS)
-                     + " | " + " | ".join(_cell(res[v, mb]["peak_bytes"], base["peak_bytes"], "MiB", 2**-20)
+        lines.append(f"| {mb} | " + " | ".join(_cell(tm[v], tm["nondp"], *unit) for v in SD_VARIANTS)
+                     + " | " + " | ".join(_rate(mb, tm[v]) for v in SD_VARIANTS)
+                     + " | " + " | ".join(_cell(res[v, mb].get("peak_bytes"), base.get("peak_bytes"), "MiB", 2**-20)
                                           for v in SD_VARIANTS) + " |")
+    if maxes:
+        lines += ["", "| | " + " | ".join(LABELS[v] for v in SD_VARIANTS) + " |",
+                  "|---" + "|---:" * len(SD_VARIANTS) + "|",
+                  "| largest micro-batch that fits (its step's peak memory) | "
+                  + " | ".join(maxes[v] for v in SD_VARIANTS) + " |"]
     fit = []
     if len(args.sd_microbatch) >= 2:
         lo, hi = min(args.sd_microbatch), max(args.sd_microbatch)
-        for v in SD_VARIANTS:
+        for v in [v for v in SD_VARIANTS if "peak_bytes" in res[v, lo] and "peak_bytes" in res[v, hi]]:
             slope = (res[v, hi]["peak_bytes"] - res[v, lo]["peak_bytes"]) / (hi - lo)
             fixed = res[v, lo]["peak_bytes"] - slope * lo + any_r["weights_bytes"] + 8 * any_r["trainable"]
             room = 24 * 2**30 - fixed
             fit.append(f"{LABELS[v]}: {fixed / 2**30:.1f} GiB + {slope / 2**30:.2f} GiB per example → "
                        + (f"micro-batch ≤ {int(room // slope)}" if slope > 0 and room > 0 else "does not fit"))
+    peak = "torch.cuda.max_memory_allocated" if cuda else "peak RSS"
     note = (f"UNet2DConditionModel with the public SD-1.5 unet config typed in `benchmarks/dp_overhead.py` "
             f"(random weights, {any_r['total'] / 1e6:.0f}M parameters, {any_r['weights_bytes'] / 2**30:.2f} GiB "
-            f"in fp32), attention adapter ({any_r['trainable'] / 1e6:.1f}M trainable), 32×32×4 latents "
-            f"(256×256 images), 77×768 text states, K = 1, fp32, {args.threads} CPU thread(s). One step "
-            "= gradient of one micro-batch (noise and optimizer excluded). Peak memory: growth of peak RSS "
-            "during the first step (weights excluded), each (variant, micro-batch) in a fresh process; time: "
-            f"median of {args.sd_repeat} interleaved rounds after a warm-up, one process per micro-batch; load "
-            f"average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores. "
-            "Reproduce: `.venv/bin/python benchmarks/dp_overhead.py --sd`. "
-            + ("In 24 GiB (fp32 weights + Adam state of the trainable parameters + the linear fit of the "
-               "micro-batches' step memory): "
-               + "; ".join(fit) + "." if fit else ""))
+            f"in {args.sd_dtype}), {args.sd_kind} adapter ({any_r['trainable'] / 1e6:.1f}M trainable), "
+            f"32×32×4 latents (256×256 images), 77×768 text states, K = 1, {args.sd_dtype} (U-Net and inputs), "
+            f"on {any_r['device']}. One step = gradient of one micro-batch (noise and optimizer excluded); "
+            "images/s = micro-batch / step time. Peak memory: growth of "
+            f"{peak} during the first step (weights excluded), each (variant, micro-batch) in a fresh process; "
+            f"time: median of {args.sd_repeat} interleaved rounds after a warm-up, one process per micro-batch; "
+            f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} "
+            "cores. "
+            + ("Largest micro-batch: doubled from 1 until torch.cuda.OutOfMemoryError (or the cap), then "
+               "bisected to within 10%, each try a first step in a fresh process. " if maxes else "")
+            + "".join(f"{LABELS[v]} failed in {args.sd_dtype}: {msg}. " for v, msg in failed.items())
+            + f"Reproduce: `{sd_command(args)}`. "
+            + (f"In 24 GiB ({args.sd_dtype} weights + fp32 Adam state of the trainable parameters + the linear "
+               "fit of the micro-batches' step memory): " + "; ".join(fit) + "." if fit else ""))
     return "\n".join(lines) + "\n\n" + note
 
 
@@ -393,10 +507,16 @@ def main() -> None:
     p.add_argument("--sd", action="store_true", help="only the SD-1.5-size U-Net step (minutes; several GiB)")
     p.add_argument("--sd-microbatch", type=int, nargs="+", default=[1, 2])
     p.add_argument("--sd-repeat", type=int, default=2, help="timed rounds per SD micro-batch")
+    p.add_argument("--sd-kind", default="attention", choices=KINDS, help="SD adapter kind (AdapterConfig defaults)")
+    p.add_argument("--sd-dtype", default="fp32", choices=["fp32", "bf16"], help="SD U-Net and input dtype")
+    p.add_argument("--sd-max-microbatch", action="store_true",
+                   help="CUDA only: search the largest SD micro-batch that fits, per variant")
+    p.add_argument("--sd-max-cap", type=int, default=1024, help="largest micro-batch the search tries")
     p.add_argument("--sd-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.sd_child:
-        print(json.dumps(measure_sd(args.sd_child[0], int(args.sd_child[1]), args.threads, args.repeat)))
+        print(json.dumps(measure_sd(args.sd_child[0], int(args.sd_child[1]), args.threads, args.repeat,
+                                    args.sd_kind, args.sd_dtype)))
         return
     if args.sd:
         text = sd_section(args)
