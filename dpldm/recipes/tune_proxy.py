@@ -68,7 +68,8 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "lr 1e-2": ({"optim.lr": 1e-2}, None),
     "lr 1e-1": ({"optim.lr": 1e-1}, None),
     "lr warm-up 10 steps": ({"optim.warmup_steps": 10}, None),
-    "lr cosine decay": ({"optim.decay": "cosine"}, None),   # the last steps' noise moves the adapter less
+    "flat lr": ({"optim.decay": "none"}, None),   # quickstart.yaml decays the lr (cosine): the last steps' noise
+    "lr cosine decay": ({"optim.decay": "cosine"}, None),  # moves the adapter less (round 7; = quickstart.yaml now)
     "adapter EMA 0.9": ({"train.ema_decay": 0.9}, None),   # iterate averaging (post-processing: no privacy cost)
     "all levels": ({"adapter.levels": ["down", "mid", "up"]}, None),
     # the adapter's dimension d: the noise's norm grows with sqrt(d) at a fixed clipped signal (matters most at eps 1)
