@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--out", default="runs/quickstart")
     qs.add_argument("--fast", action="store_true", help="~3-minute smoke version")
     qs.add_argument("--plan", choices=["full", "long"], default="full",
-                    help="full: 30 minutes on 2 CPU cores (docs/results.md); long: ~5x pretraining, DP batch, samples")
+                    help="full: 19-30 minutes on 2 CPU cores, by machine (docs/results.md); "
+                         "long: ~5x pretraining, DP batch, samples")
     qs.set_defaults(handler="dpldm.recipes.quickstart:main")
 
     tp = verbs.add_parser("tune-proxy", help="choose the quickstart's fine-tune settings on a public proxy set")
