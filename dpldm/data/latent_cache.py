@@ -181,9 +181,8 @@ def ensure_cache(cfg: Config, vae, env=None, log=log, path: Path | None = None, 
     takes the same barrier: a rank that looked later would see rank 0's new cache as fresh, skip the barrier
     and enter the next collective alone (a two-node SLURM job hung so in CI)."""
     path = path or cache_dir_for(cfg)
-    main = env is None or env.is_main
-    stale = main and not is_fresh(path, public_data_cfg(cfg) if public else cfg, encoder_identity(vae))
-    if main and stale:
+    if (env is None or env.is_main) and not is_fresh(path, public_data_cfg(cfg) if public else cfg,
+                                                      encoder_identity(vae)):
         if path.exists():
             log(f"encode: cache {path} is stale (encoder, source or settings changed): rebuilding")
         build_cache(cfg, vae, path, log=log, public=public)
