@@ -180,6 +180,8 @@ with torch.no_grad():
     np.save(sys.argv[2], pipe.unet(x, torch.tensor([10, 500]), enc).sample.numpy())
 images = pipe(["x"], num_inference_steps=2, output_type="np").images
 assert images.shape == (1, 16, 16, 1) and np.isfinite(images).all()
+if len(sys.argv) > 3:   # re-save the loaded pipeline as a user sharing it would
+    pipe.save_pretrained(sys.argv[3])
 assert not any(m == "dpldm" or m.startswith("dpldm.") for m in sys.modules), "dpldm was imported"
 """
 
@@ -190,7 +192,8 @@ def test_exported_loda_pipeline_loads_and_samples_without_dpldm(tmp_path, base):
     .pth line naming this venv's site-packages directory: torch, diffusers, transformers are importable from
     there, but a plain path line in a .pth does not run the .pth files inside that directory, so dpldm's editable
     install hook (__editable__.dpldm-*.pth) never runs and `import dpldm` fails (the script checks that). It runs
-    with -I (no PYTHONPATH, no user site, no current directory on sys.path) from a directory outside the repo."""
+    with -I (no PYTHONPATH, no user site, no current directory on sys.path) from a directory outside the repo.
+    The pipeline it loaded, re-saved with diffusers' save_pretrained, loads again in another such process."""
     import site
     import subprocess
     import venv
@@ -205,13 +208,17 @@ def test_exported_loda_pipeline_loads_and_samples_without_dpldm(tmp_path, base):
     ours = [p for p in site.getsitepackages() if (Path(p) / "diffusers").is_dir()]
     assert ours, "no site-packages with diffusers"
     (Path(target) / "deps.pth").write_text(ours[0] + "\n")
-    result = subprocess.run([str(py), "-I", "-c", NO_DPLDM_CHECK, str(out), str(tmp_path / "out.npy")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
-                                 "HF_MODULES_CACHE": str(tmp_path / "hf_modules")})
-    assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out.npy")), unet_out(adapted),
-                               atol=1e-5, rtol=1e-5)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    # the export, re-saved by plain diffusers; then that copy, loaded in another fresh process
+    for folder, npy, resave in ((out, "out.npy", [str(tmp_path / "resaved")]), (tmp_path / "resaved", "re.npy", [])):
+        result = subprocess.run([str(py), "-I", "-c", NO_DPLDM_CHECK, str(folder), str(tmp_path / npy), *resave],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, f"{folder}: {result.stderr[-3000:]}"
+        torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / npy)), unet_out(adapted),
+                                   atol=1e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "resaved" / "model_index.json").read_text())["unet"] == ["adapted_unet",
+                                                                                         "AdaptedUNet2DConditionModel"]
 
 
 def test_export_attention_adapter_folder(tmp_path, base):

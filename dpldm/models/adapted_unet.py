@@ -45,6 +45,12 @@ def adapted_layers(unet: torch.nn.Module) -> dict[str, dict]:
 class AdaptedUNet2DConditionModel(UNet2DConditionModel):
     """A U-Net with unmergeable LoDA layers; `dpldm_adapter` is the content of dpldm_adapter.json."""
 
+    # diffusers names a custom component in model_index.json by its class's __module__. Imported by diffusers from an
+    # export that is "diffusers_modules.local.adapted_unet" (inside dpldm "dpldm.models.adapted_unet"), which a later
+    # from_pretrained cannot find: a pipeline loaded from an export and re-saved with save_pretrained would not load
+    # again. The file this class ships as, in unet/, is what every loader finds.
+    __module__ = MODULE_NAME
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
