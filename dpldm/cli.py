@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="private-run eps whose noise each candidate gets; the first selects")
     tp.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
                     help="a subset of dpldm.recipes.tune_proxy.CANDIDATES (default: all)")
+    tp.add_argument("--repeats", type=int, default=1,
+                    help="independent fine-tunes per candidate, scored by their mean (one run's spread is ~1-2 points)")
     tp.set_defaults(handler="dpldm.recipes.tune_proxy:main")
     return parser
 

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from dpldm.config import load_config
 from dpldm.privacy.accountant import noise_multiplier_for
@@ -18,7 +20,8 @@ from dpldm.recipes.tune_proxy import FAST_CANDIDATES
 def test_tune_proxy_fast_uses_public_data_and_the_private_runs_noise(tmp_path):
     out = tmp_path / "qs"
     dpldm = Path(sys.executable).parent / "dpldm"
-    proc = subprocess.run([str(dpldm), "tune-proxy", "--fast", "--out", str(out)], capture_output=True, text=True,
+    proc = subprocess.run([str(dpldm), "tune-proxy", "--fast", "--out", str(out), "--repeats", "2"],
+                          capture_output=True, text=True,
                           timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "proxy" / "proxy.json").read_text())
@@ -30,7 +33,11 @@ def test_tune_proxy_fast_uses_public_data_and_the_private_runs_noise(tmp_path):
     sigma = noise_multiplier_for(10.0, FAST.expected_batch / FAST.private_n, FAST.ft_steps, private.privacy.delta,
                                  private.privacy.accountant, private.privacy.relation)
     runs = sorted(p.parent for p in (out / "proxy").glob("*/privacy.json"))
-    assert [r.name for r in runs] == ["C0.1-eps10", "quickstart-eps10"]   # the guidance variant reused its run
+    # two independent fine-tunes per candidate; the guidance variant reused the quickstart.yaml ones
+    assert [r.name for r in runs] == ["C0.1-eps10", "C0.1-eps10-r1", "quickstart-eps10", "quickstart-eps10-r1"]
+    adapters = [load_file(str(out / "proxy" / f"quickstart-eps10{r}" / "adapter" / "adapter.safetensors"))
+                for r in ("", "-r1")]
+    assert any(not torch.equal(a, adapters[1][k]) for k, a in adapters[0].items())   # their own noise and batches
     for run in runs:
         ledger = json.loads((run / "privacy.json").read_text())
         cfg = load_config(run / "config.yaml")
@@ -43,6 +50,7 @@ def test_tune_proxy_fast_uses_public_data_and_the_private_runs_noise(tmp_path):
     assert json.loads((base / "samples" / "samples.json").read_text())["guidance"] == private.sample.guidance
     for r in result["rows"]:
         assert 0.0 <= r["agreement"] <= 1.0 and r["n"] == FAST.synthetic_n
+        assert len(r["downstream_runs"]) == 2 and r["downstream"] == pytest.approx(sum(r["downstream_runs"]) / 2)
     # nothing private was packed: only the public pretraining set and the proxy
     assert sorted(p.name for p in (out / "data").iterdir()) == ["digits-test", "digits-train", "glyphs-digits-train"]
 

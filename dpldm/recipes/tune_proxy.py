@@ -76,6 +76,7 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     "rank 1": ({"adapter.rank": 1}, None),
     "rank 2": ({"adapter.rank": 2}, None),
     "rank 4": ({"adapter.rank": 4}, None),
+    "rank 8": ({"adapter.rank": 8}, None),
     "up level only": ({"adapter.levels": ["up"]}, None),
     "digit prompts": ({"model.class_names": [str(i) for i in range(10)],
                        "model.prompt_template": "a handwritten digit {name}"}, None),
@@ -91,7 +92,10 @@ def proxy_sigma(plan: Plan, eps: float, delta: float, accountant: str, relation:
     return noise_multiplier_for(eps, plan.expected_batch / n, plan.ft_steps, delta, accountant, relation)
 
 
-def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, name: str, overrides: dict):
+def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, name: str, overrides: dict,
+              repeat: int = 0):
+    """The candidate's proxy fine-tune config and σ; `repeat` k > 0: the same fine-tune again in its own run dir
+    (its own secret seed, so its own noise draws and Poisson batches)."""
     cfg = finetune_cfg(out, pipeline, {"private": data["digits"], "test": data["digits-test"]}, plan, eps)
     sigma = proxy_sigma(plan, eps, cfg.privacy.delta, cfg.privacy.accountant, cfg.privacy.relation)
     slug = name.replace(" ", "").replace("=", "").replace(".yaml", "")
@@ -100,7 +104,7 @@ def proxy_cfg(out: Path, pipeline: Path, data: dict, plan: Plan, eps: float, nam
         # public data: the proxy's own (large) ε guarantees nothing; RDP accounts it without failing
         "privacy.accountant": "rdp", "privacy.relation": "add_remove", "privacy.target_epsilon": 1e6,
         "data.cache_dir": str(out / "proxy" / f"latent_cache-{plan.public}"),   # one per autoencoder
-        "output.dir": str(out / "proxy" / f"{slug}-eps{eps:g}")}), sigma
+        "output.dir": str(out / "proxy" / f"{slug}-eps{eps:g}{f'-r{repeat}' if repeat else ''}")}), sigma
 
 
 def split_overrides(plan: Plan, overrides: dict) -> tuple[Plan, dict]:
@@ -156,9 +160,17 @@ def write_table(path: Path, rows: list[dict], scorer_acc: float, best: str) -> N
              "samples, tested on the real digits test split (the selection metric).", "",
              "| candidate | ε of the private run | σ | agreement | downstream | minutes |", "|---|---|---|---|---|---|"]
     for r in rows:
+        runs = r["downstream_runs"]
+        spread = (f" ± {100 * r['downstream_std']:.1f} ({', '.join(f'{100 * x:.1f}' for x in runs)})"
+                  if len(runs) > 1 else "")
         lines.append(f"| {r['candidate']} | {r['epsilon']:g} | {r['sigma']:.3f} | {100 * r['agreement']:.1f}% | "
-                     f"{100 * r['downstream']:.1f}% | {r['seconds'] / 60:.1f} |")
-    lines += ["", f"Chosen (highest downstream accuracy at the first ε): **{best}**."]
+                     f"{100 * r['downstream']:.1f}%{spread} | {r['seconds'] / 60:.1f} |")
+    repeats = len(rows[0]["downstream_runs"]) if rows else 1
+    how = ", mean of the repeats" if repeats > 1 else ""
+    lines += ["", f"Chosen (highest downstream accuracy at the first ε{how}): **{best}**."]
+    if repeats > 1:
+        lines.append(f"Each candidate was fine-tuned {repeats} times with independent noise (agreement and downstream: "
+                     "means; ± the standard deviation over the repeats, then each repeat's downstream accuracy).")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -170,6 +182,8 @@ def main(args) -> int:
     unknown = [c for c in names if c not in CANDIDATES]
     if unknown:
         raise DpldmError(f"--candidates: unknown {unknown}; expected some of {list(CANDIDATES)}")
+    if args.repeats < 1:
+        raise DpldmError(f"--repeats: expected a number of fine-tunes per candidate >= 1; got {args.repeats}")
     # samples per candidate: the fast plan's own n; else PROXY_SAMPLES per 2,000 of the plan's synthetic_n
     proxy_n = lambda p: p.synthetic_n if args.fast else round(PROXY_SAMPLES * p.synthetic_n / 2000)  # noqa: E731
     timings: dict[str, float] = {}
@@ -197,23 +211,31 @@ def main(args) -> int:
             cand_plan, overrides = split_overrides(plan, CANDIDATES[name][0])
             guidance = CANDIDATES[name][1]
             reuse = eval_only(name)
-            cfg, sigma = proxy_cfg(out, pipelines[key(cand_plan)], data, plan if reuse else cand_plan, eps,
-                                   "quickstart.yaml" if reuse else name, overrides)
             n = proxy_n(cand_plan)
             resample = (cand_plan.synthetic_n, cand_plan.sample_steps) != (plan.synthetic_n, plan.sample_steps)
             tag = name.replace(" ", "").replace(",", "-").replace(".", "") if resample and guidance is None else ""
-            t0 = time.time()
-            with Stage(f"proxy candidate '{name}' (sigma {sigma:.3f} of the eps={eps:g} private run)", timings):
-                steps = cand_plan.sample_steps if cand_plan.sample_steps != plan.sample_steps else None
-                shards = run_candidate(cfg, guidance, n, steps, tag)
-            xs, ys = load_shards(str(shards), channels=1, resolution=28)
-            down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=proxy_epochs(cand_plan, len(xs)),
-                                      seeds=PROXY_SEEDS)
-            rows.append({"candidate": name, "epsilon": eps, "sigma": sigma, "agreement": accuracy(scorer, xs, ys),
-                         "downstream": down["mean"], "n": len(xs), "seconds": round(time.time() - t0, 1),
+            steps = cand_plan.sample_steps if cand_plan.sample_steps != plan.sample_steps else None
+            t0, agreement, downstream = time.time(), [], []
+            for k in range(args.repeats):   # independent fine-tunes: the proxy's spread between runs is ~1-2 points
+                cfg, sigma = proxy_cfg(out, pipelines[key(cand_plan)], data, plan if reuse else cand_plan, eps,
+                                       "quickstart.yaml" if reuse else name, overrides, repeat=k)
+                with Stage(f"proxy candidate '{name}'{f' repeat {k + 1}/{args.repeats}' if args.repeats > 1 else ''} "
+                           f"(sigma {sigma:.3f} of the eps={eps:g} private run)", timings):
+                    shards = run_candidate(cfg, guidance, n, steps, tag)
+                xs, ys = load_shards(str(shards), channels=1, resolution=28)
+                down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=proxy_epochs(cand_plan, len(xs)),
+                                          seeds=PROXY_SEEDS)
+                agreement.append(accuracy(scorer, xs, ys))
+                downstream.append(down["mean"])
+            spread = torch.tensor(downstream, dtype=torch.float64)
+            rows.append({"candidate": name, "epsilon": eps, "sigma": sigma,
+                         "agreement": sum(agreement) / len(agreement), "downstream": float(spread.mean()),
+                         "downstream_runs": downstream,
+                         "downstream_std": float(spread.std()) if len(downstream) > 1 else 0.0,
+                         "n": len(xs), "seconds": round(time.time() - t0, 1),
                          "overrides": CANDIDATES[name][0], "guidance": guidance})
             print(f"proxy: {name:<16} eps={eps:g} agreement {100 * rows[-1]['agreement']:.1f}% "
-                  f"downstream {100 * down['mean']:.1f}%", flush=True)
+                  f"downstream {100 * rows[-1]['downstream']:.1f}%", flush=True)
     first = [r for r in rows if r["epsilon"] == args.epsilons[0]]
     best = max(first, key=lambda r: r["downstream"])["candidate"]     # ties: the earlier (quickstart.yaml first)
     (out / "proxy" / "proxy.json").write_text(json.dumps({"scorer_test_accuracy": scorer_acc, "best": best,
