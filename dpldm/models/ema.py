@@ -35,8 +35,8 @@ class EMA:
     @torch.no_grad()
     def update(self, params: nn.Module | Mapping[str, torch.Tensor]) -> None:
         d = self.current_decay()
-        for n, p in _named(params):
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - d)
+        named = list(_named(params))
+        torch._foreach_lerp_([self.shadow[n] for n, _ in named], [p.detach().float() for _, p in named], 1.0 - d)
         self.updates += 1
 
     @torch.no_grad()
