@@ -46,6 +46,8 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     # the same DP compute (steps x expected batch), split differently; sigma recalibrated for the new q and steps
     "batch 1024 x 80 steps": ({"plan.expected_batch": 1024, "plan.ft_steps": 80}, None),
     "half the DP steps": ({"plan.ft_steps": 80}, None),   # the earlier plan (80 x 512)
+    # the same U-Net rows per step (256 x 2): each example's gradient averages K = 2 noise draws before its clip
+    "K = 2, batch 256": ({"plan.multiplicity": 2, "plan.expected_batch": 256}, None),
     # another public pretraining budget of the U-Net (own folder; the plan's pipeline is left as it is)
     "U-Net 800 steps": ({"plan.unet_steps": 800}, None),   # the plans of round 3 and round 4
     "U-Net 1,600 steps": ({"plan.unet_steps": 1600}, None),
