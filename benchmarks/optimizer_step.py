@@ -3,8 +3,8 @@
 
     .venv/bin/python benchmarks/optimizer_step.py [--steps 30]
 
-The model is configs/pretrain_glyphs.yaml's latent U-Net (1.2M parameters in 416 tensors, where a per-tensor
-loop pays Python and kernel-launch costs 416 times per step); the training step is an AdamW step on a batch of 64
+The model is configs/pretrain_glyphs.yaml's latent U-Net (1.2M parameters in 208 tensors, where a per-tensor
+loop pays Python and kernel-launch costs 208 times per step); the training step is an AdamW step on a batch of 64
 8x8x4 latents with 16x384 conditioning, as `dpldm pretrain unet` takes it, then the EMA update. Medians of --steps
 steps after a warm-up, at 1 thread and at every core, variants interleaved. Prints a table and writes the
 "Optimizer step" section of docs/benchmarks.md.
@@ -71,7 +71,7 @@ def main() -> None:
         for name, (opt, step) in res.items():
             lines.append(f"| {threads} | {name} | {opt:.1f} ms | {step:.0f} ms | {step / res['fused'][1]:.2f}x |")
             print(lines[-1], flush=True)
-    body = ("AdamW on the quickstart's pretraining U-Net (1.2M parameters, 416 tensors), alone and inside a whole "
+    body = ("AdamW on the quickstart's pretraining U-Net (1.2M parameters, 208 tensors), alone and inside a whole "
             "training step (forward, backward, AdamW, EMA; batch 64), medians of "
             f"{args.steps} interleaved steps. `make_optimizer` (dpldm/distributed/optim.py) runs Adam/AdamW fused."
             "\n\n" + "\n".join(lines))

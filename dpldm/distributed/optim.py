@@ -18,7 +18,7 @@ from dpldm.config import OptimConfig
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam/AdamW run fused (one kernel over all tensors; CPU and CUDA): on the quickstart U-Net's 416 parameter
+    """Adam/AdamW run fused (one kernel over all tensors; CPU and CUDA): on the quickstart U-Net's 208 parameter
     tensors torch's CPU default, a per-tensor loop, took ~19 ms per step, the fused one ~5 ms: ~6% of a pretraining
     step at two threads (benchmarks/optimizer_step.py, docs/benchmarks.md)."""
     if cfg.name in ("adam", "adamw"):
