@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["dp_overhead.py", "scaling.py", "sampling.py", "threads_vs_processes.py", "optimizer_step.py", "dp_microbatch.py"]
+BENCHMARKS = ["dp_overhead.py", "scaling.py", "sampling.py", "threads_vs_processes.py", "optimizer_step.py",
+              "dp_microbatch.py"]
 
 if __name__ == "__main__":
     failed = []
