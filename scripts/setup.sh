@@ -30,8 +30,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# uv installs the pinned set in ~26 s where pip takes ~165 s (measured on the 2-core machine, each from an empty
-# cache; README's time from an empty directory includes this). uv reads no pip.conf, so the indexes, wheel
+# uv installs the pinned set in ~30 s where pip took ~165 s (measured on the 2-core machine, uv from an empty cache;
+# README's time from an empty directory includes this). uv reads no pip.conf, so the indexes, wheel
 # directories and constraints pip is configured with (`pip config list`: global and PIP_* settings) are passed on.
 # Where uv cannot be installed, pip does the same install.
 .venv/bin/pip install -q -c constraints.txt uv || echo "setup: uv unavailable; installing with pip (slower)"
