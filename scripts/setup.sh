@@ -37,17 +37,19 @@ fi
 .venv/bin/pip install -q -c constraints.txt uv || echo "setup: uv unavailable; installing with pip (slower)"
 if [ -x .venv/bin/uv ]; then
   pip_like=(.venv/bin/uv pip install --python .venv/bin/python -q --index-strategy unsafe-best-match)
+  index=""    # one --index-url only (uv takes one; the last listed, the PIP_* one, wins as in pip)
   while IFS='=' read -r key val; do
     val=${val#\'}; val=${val%\'}
     for v in $val; do
       case "$key" in
-        *.index-url) pip_like+=(--index-url "$v") ;;
+        *.index-url) index=$v ;;
         *.extra-index-url) pip_like+=(--extra-index-url "$v") ;;
         *.find-links) pip_like+=(--find-links "$v") ;;
         *.constraint) pip_like+=(-c "$v") ;;
       esac
     done
   done < <(.venv/bin/pip config list 2>/dev/null)
+  [ -z "$index" ] || pip_like+=(--index-url "$index")
 else
   .venv/bin/pip install -q --upgrade pip setuptools wheel
   pip_like=(.venv/bin/pip install -q)
