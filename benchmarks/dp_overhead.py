@@ -16,8 +16,10 @@ run is dominated by ~50 fresh processes (8 for the timed micro-batches, ~12 per 
 the 1024 cap, whose tries at 16 and 64 are the memory runs' own), each ~5 s of import, CUDA init and U-Net
 build: ~5 minutes in all.
 
-The model is the quickstart latent U-Net (UNet2DConditionModel, channels [64, 128], cross-attention
-at the second level, MiniLM-sized 16×384 conditioning) on 8×8×4 latents. One step = the gradient of
+The model is the default latent U-Net (`ModelConfig()`: UNet2DConditionModel, channels [64, 128],
+cross-attention at the second level, MiniLM-sized 16×384 conditioning) on 8×8×4 latents. The quickstart
+pretrains a narrower one ([32, 64], configs/pretrain_glyphs.yaml); its own DP step, with its adapter levels,
+is timed by benchmarks/dp_microbatch.py. One step = the gradient of
 one logical batch of `--batch` examples (K noise draws each), in one micro-batch of `--microbatch`:
 - non-DP: plain backward of the summed diffusion loss, the module called directly, as
   `FinetuneTrainer._plain_grad_sum` (what `privacy.enabled=false` runs); the DP variants call it
@@ -66,7 +68,7 @@ def _rss_bytes() -> int:
 
 
 class Setup:
-    """The quickstart U-Net with one adapter kind, a fixed batch, and one step function per variant."""
+    """The default U-Net (ModelConfig()) with one adapter kind, a fixed batch, and one step function per variant."""
 
     def __init__(self, kind: str, batch: int, k: int, microbatch: int, threads: int):
         import torch
@@ -83,7 +85,7 @@ class Setup:
         if device.type == "cpu":
             torch.set_num_threads(threads)    # a shared CPU: more threads than free cores is 10x slower
         torch.manual_seed(0)
-        mc = ModelConfig()                    # the quickstart U-Net shape
+        mc = ModelConfig()                    # the default U-Net shape (not the quickstart's [32, 64])
         unet = build_unet(mc, cross_attention_dim=384, latent_size=8).to(device)
         attach_adapter(unet, AdapterConfig(kind=kind))
         params = trainable_named_parameters(unet)
@@ -262,7 +264,8 @@ def table(results: dict, args) -> str:
         r = results[kind]
         lines.append(f"| {kind} | {r['mem_nondp'] / 2**20:.0f} MiB | "
                      + " | ".join(_cell(r.get("mem_" + v), r["mem_nondp"], "MiB", 2**-20) for v in dp) + " |")
-    note = (f"Quickstart U-Net (channels [64, 128], cross-attention at level 2), 8×8×4 latents, batch "
+    note = ("Default U-Net (`ModelConfig()`: channels [64, 128], cross-attention at level 2; the quickstart pretrains "
+            "a narrower [32, 64] one, timed in section \"DP step by micro-batch\"), 8×8×4 latents, batch "
             f"{args.batch}, K={args.k}, micro-batch {args.microbatch}, {args.threads} CPU thread(s); median of "
             f"{args.repeat} interleaved rounds after a warm-up round; first table step time, second peak "
             f"memory (× = over non-DP). Non-DP: the module called directly, as the trainer's non-private "
