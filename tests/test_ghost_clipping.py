@@ -1,5 +1,5 @@
 """The ghost-norm / book-keeping clipping engine equals the torch.func one (dp_step.clipped_grad_sum) on
-the same draws: every adapter kind, the quickstart U-Net and a small SD-layout U-Net, K > 1, clip
+the same draws: every adapter kind, the default U-Net (ModelConfig()) and a small SD-layout U-Net, K > 1, clip
 groups, micro-batches, both norm forms, both sum modes, a non-finite example, and the fallback."""
 import math
 import warnings
@@ -25,7 +25,7 @@ KINDS = ["loda", "lora", "attention", "full"]
 ALPHAS = build_scheduler(ModelConfig()).alphas_cumprod
 
 
-def quickstart_unet() -> nn.Module:
+def default_unet() -> nn.Module:
     torch.manual_seed(0)
     return build_unet(ModelConfig(), cross_attention_dim=384, latent_size=8)      # channels [64, 128]
 
@@ -40,7 +40,7 @@ def sd_layout_unet() -> nn.Module:
         cross_attention_dim=24, norm_num_groups=8, attention_head_dim=8)
 
 
-MODELS = {"quickstart": (quickstart_unet, 384), "sd_layout": (sd_layout_unet, 24)}
+MODELS = {"default": (default_unet, 384), "sd_layout": (sd_layout_unet, 24)}
 
 
 def adapted(model: str, kind: str):
@@ -115,7 +115,7 @@ def test_matches_torch_func_for_every_adapter_kind(model, kind):
     assert all(v.is_contiguous() for v in sums) and len({v.data_ptr() for v in sums}) == len(sums)
 
 
-@pytest.mark.parametrize("model,kind", [("quickstart", "loda"), ("quickstart", "attention"), ("sd_layout", "full"),
+@pytest.mark.parametrize("model,kind", [("default", "loda"), ("default", "attention"), ("sd_layout", "full"),
                                         ("sd_layout", "lora")])
 def test_clip_groups_match_torch_func(model, kind):
     unet, params, cond_dim = adapted(model, kind)
@@ -185,7 +185,7 @@ def test_conv_per_example_gradient_and_gram_match_unfold(geometry, c, o):
 def test_k_rows_form_one_per_example_gradient():
     """Negative control: clipping each of an example's K rows on its own (K=1 with B·K examples) is
     a different sum, and the engine does not produce it."""
-    unet, params, cond_dim = adapted("quickstart", "lora")
+    unet, params, cond_dim = adapted("default", "lora")
     batch_loss, one = loss_fns(unet)
     x0, cond, t, noise = draws(3, 2, cond_dim, seed=5)
     clip = typical_clip(unet, params, batch_loss, (x0, cond, t, noise)) / 4
@@ -198,7 +198,7 @@ def test_k_rows_form_one_per_example_gradient():
 
 @pytest.mark.parametrize("sum_mode", ["bookkeeping", "reweight"])
 def test_a_non_finite_example_contributes_zero(sum_mode):
-    unet, params, cond_dim = adapted("quickstart", "loda")
+    unet, params, cond_dim = adapted("default", "loda")
     batch_loss, one = loss_fns(unet)
     batch = draws(5, 2, cond_dim, seed=6)
     batch[0][2, 0, 0, 0] = float("inf")                     # example 2's gradient is NaN
@@ -313,7 +313,7 @@ def test_rows_per_example_tells_a_table_from_the_examples_rows():
 
 def test_an_empty_slice_gives_zeros():
     """A rank whose slice of the Poisson batch is empty still returns a zero sum keyed like params."""
-    unet, params, cond_dim = adapted("quickstart", "lora")
+    unet, params, cond_dim = adapted("default", "lora")
     batch_loss, _ = loss_fns(unet)
     got, stats = ghost_clipped_grad_sum(unet, params, batch_loss, draws(0, 2, cond_dim), 1.0, 4)
     assert set(got) == set(params) and all(not v.any() for v in got.values())
@@ -321,7 +321,7 @@ def test_an_empty_slice_gives_zeros():
 
 
 def test_choose_engine_and_errors():
-    unet, params, _ = adapted("quickstart", "lora")
+    unet, params, _ = adapted("default", "lora")
     batch_loss, _ = loss_fns(unet)
     engine, line = choose_engine("auto", unet, params)
     assert engine == "ghost" and "auto" in line

@@ -62,3 +62,17 @@ def test_public_sets_pack_under_plain_names_and_unknown_sets_are_refused(tmp_pat
     assert json.loads((data["glyphs"] / "dataset.json").read_text())["count"] == 20
     with pytest.raises(DpldmError, match="public must be one of"):
         public_set(replace(FAST, public="svhn"))
+
+
+def test_a_stopped_stage_records_no_time_and_says_so(capsys):
+    """A signal's checkpoint-and-exit (SystemExit) inside a stage is not the stage's time: the report's timings
+    would otherwise count a partial stage as done (seen when a --plan long run was stopped in its pretraining)."""
+    from dpldm.recipes.quickstart import Stage
+    timings = {}
+    with Stage("done", timings):
+        pass
+    with pytest.raises(SystemExit):
+        with Stage("pretrain", timings):
+            raise SystemExit(3)
+    assert list(timings) == ["done"]
+    assert "=== pretrain: stopped after 0s (SystemExit); re-run to resume" in capsys.readouterr().out

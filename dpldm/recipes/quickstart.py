@@ -122,9 +122,14 @@ class Stage:
         print(f"\n=== quickstart: {self.name}", flush=True)
         return self
 
-    def __exit__(self, *exc):
-        self.timings[self.name] = round(time.time() - self.t0, 1)
-        print(f"=== {self.name}: {self.timings[self.name]:.0f}s", flush=True)
+    def __exit__(self, exc_type, *exc):
+        elapsed = round(time.time() - self.t0, 1)
+        if exc_type is not None:   # stopped (a signal's checkpoint-and-exit, an error): not a stage's time
+            print(f"=== {self.name}: stopped after {elapsed:.0f}s ({exc_type.__name__}); re-run to resume",
+                  flush=True)
+            return
+        self.timings[self.name] = elapsed
+        print(f"=== {self.name}: {elapsed:.0f}s", flush=True)
 
 
 def pack_sets(out: Path, plan: Plan, names=("fashion", "private", "test")) -> dict[str, Path]:
