@@ -1,6 +1,7 @@
 """Accuracy vs compute: the quickstart's plans side by side (issue 12's trend toward the papers).
 
     .venv/bin/python scripts/compute_trend.py runs/quickstart runs/long [--out docs/images/quickstart-compute-trend.png]
+        [--minutes 33.9 75.0]   # end-to-end minutes, where a run was resumed (its report times its last invocation)
 
 Reads each run's report/report.json (written by `dpldm quickstart`), prints a markdown table (end-to-end minutes,
 DP steps, synthetic images, downstream accuracy per ε and of the ε = 0 rows) and plots accuracy against the
@@ -37,8 +38,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="quickstart output folders (--out), smallest plan first")
     ap.add_argument("--out", type=Path, default=Path("docs/images/quickstart-compute-trend.png"))
+    ap.add_argument("--minutes", type=float, nargs="+", metavar="M",
+                    help="end-to-end minutes per run, in the runs' order, where a run was resumed: its report times "
+                         "only the last invocation's stages")
     args = ap.parse_args()
     rows = [summary(r) for r in args.runs]
+    if args.minutes:
+        if len(args.minutes) != len(rows):
+            ap.error(f"--minutes: {len(args.minutes)} values for {len(rows)} runs")
+        for row, minutes in zip(rows, args.minutes):
+            row["minutes"] = minutes
     epsilons = sorted({e for r in rows for e in r["acc"]}, reverse=True)
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     print("| run | minutes | DP steps | synthetic images | " + " | ".join(f"ε = {e}" for e in epsilons)
