@@ -214,6 +214,7 @@ def test_report_warts_fixed_legend_not_private_once_timings_table_and_zero_epsil
     nodp_line = next(ln for ln in md.splitlines() if ln.startswith("| No DP"))
     assert nodp_line.count("NOT PRIVATE") == 1
     assert "{'pack'" not in md and "| pack | 12 | 0.2 |" in md and "| **total** | 400 | 6.7 |" in md
+    assert "Times of this invocation" in md    # a resumed run's table is not the run's whole time
     assert f"`{base}` (uses no private data, ε = 0)" in md and f"`{base}` (private)" not in md
     assert "| 0 (no private data) |" in md and f"`{dp}` (private)" in md
     labels = plot_privacy_utility(rows + [dict(r, paper=True) for r in PAPER_ROWS], tmp_path / "p.png")

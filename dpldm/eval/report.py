@@ -184,6 +184,8 @@ def _tables(rep: dict) -> list[str]:
             cells = [f"{float(v):.0f}", f"{float(v) / 60:.1f}"] if isinstance(v, (int, float)) else [str(v), ""]
             name = f"**{k}**" if k == "total" else k
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        lines += ["", "Times of this invocation: a stage resumed or found done from an earlier one counts only the "
+                  "work done in this one."]
     return lines
 
 
