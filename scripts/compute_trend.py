@@ -1,7 +1,7 @@
 """Accuracy vs compute: the quickstart's plans side by side (issue 12's trend toward the papers).
 
     .venv/bin/python scripts/compute_trend.py runs/quickstart runs/long [--out docs/images/quickstart-compute-trend.png]
-        [--minutes 33.9 75.0]   # end-to-end minutes, where a run was resumed (its report times its last invocation)
+        [--minutes 33.9 74.7]   # end-to-end minutes, where a run was resumed (its report times its last invocation)
 
 Reads each run's report/report.json (written by `dpldm quickstart`), prints a markdown table (end-to-end minutes,
 DP steps, synthetic images, downstream accuracy per ε and of the ε = 0 rows) and plots accuracy against the
