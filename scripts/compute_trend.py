@@ -1,7 +1,7 @@
 """Accuracy vs compute: the quickstart's plans side by side (issue 12's trend toward the papers).
 
     .venv/bin/python scripts/compute_trend.py runs/quickstart runs/long [--out docs/images/quickstart-compute-trend.png]
-        [--minutes 33.9 74.7]   # end-to-end minutes, where a run was resumed (its report times its last invocation)
+        [--minutes 33.9 74.7]   # end-to-end minutes of runs resumed before their reports timed every invocation
 
 Reads each run's report/report.json (written by `dpldm quickstart`), prints a markdown table (end-to-end minutes,
 DP steps, synthetic images, downstream accuracy per ε and of the ε = 0 rows) and plots accuracy against the
@@ -26,7 +26,8 @@ def summary(run: Path) -> dict:
     loda = {round(r["epsilon"]): r for r in rows if r["method"].startswith("dpldm DP-LoDA")}
     pick = lambda prefix: next((r for r in rows if r["method"].startswith(prefix)), {})  # noqa: E731
     sgd = {round(r["epsilon"]): r["acc_mean"] for r in rows if r["method"].startswith("DP-SGD")}
-    return {"run": str(run), "minutes": rep["set_sizes"]["timings_s"]["total"] / 60,
+    sizes = rep["set_sizes"]     # a resumed run's report has its total over every invocation too
+    return {"run": str(run), "minutes": sizes.get("timings_all_s", sizes["timings_s"])["total"] / 60,
             "dp_steps": max(r["steps"] for r in loda.values()), "synthetic": rep["set_sizes"]["synthetic_per_run"],
             "acc": {eps: r["acc_mean"] for eps, r in loda.items()},
             "std": {eps: r.get("acc_std") or 0.0 for eps, r in loda.items()},
@@ -39,8 +40,8 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="quickstart output folders (--out), smallest plan first")
     ap.add_argument("--out", type=Path, default=Path("docs/images/quickstart-compute-trend.png"))
     ap.add_argument("--minutes", type=float, nargs="+", metavar="M",
-                    help="end-to-end minutes per run, in the runs' order, where a run was resumed: its report times "
-                         "only the last invocation's stages")
+                    help="end-to-end minutes per run, in the runs' order: for a run resumed before its report timed "
+                         "every invocation (the quickstart's timings.json), whose report times only the last one")
     args = ap.parse_args()
     rows = [summary(r) for r in args.runs]
     if args.minutes:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,14 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already packed" in again.stdout
     assert "sample: wrote" not in again.stdout          # samples with the same n and settings are reused
+    # the second report times the whole run: each stage summed over both invocations (out/timings.json)
+    first, second = report["set_sizes"], json.loads((out / "report" / "report.json").read_text())["set_sizes"]
+    assert "timings_all_s" not in first
+    both = second["timings_all_s"]
+    assert both["total"] >= first["timings_s"]["total"] + second["timings_s"]["total"] - 0.2
+    for stage, seconds in first["timings_s"].items():
+        assert both[stage] >= seconds + second["timings_s"][stage] - 0.2, stage
+    assert "This run was resumed" in (out / "report" / "report.md").read_text()
 
 
 def test_public_sets_pack_under_plain_names_and_unknown_sets_are_refused(tmp_path):
@@ -64,15 +73,23 @@ def test_public_sets_pack_under_plain_names_and_unknown_sets_are_refused(tmp_pat
         public_set(replace(FAST, public="svhn"))
 
 
-def test_a_stopped_stage_records_no_time_and_says_so(capsys):
+def test_a_stopped_stage_records_no_time_and_says_so(capsys, tmp_path):
     """A signal's checkpoint-and-exit (SystemExit) inside a stage is not the stage's time: the report's timings
-    would otherwise count a partial stage as done (seen when a --plan long run was stopped in its pretraining)."""
-    from dpldm.recipes.quickstart import Stage
-    timings = {}
-    with Stage("done", timings):
+    would otherwise count a partial stage as done (seen when a --plan long run was stopped in its pretraining).
+    Its time still counts in the sums over every invocation (timings.json), with the resumed stage's own."""
+    from dpldm.recipes.quickstart import Stage, read_times
+    timings, times = {}, tmp_path / "timings.json"
+    with Stage("done", timings, times):
         pass
     with pytest.raises(SystemExit):
-        with Stage("pretrain", timings):
+        with Stage("pretrain", timings, times):
+            time.sleep(0.3)
             raise SystemExit(3)
     assert list(timings) == ["done"]
     assert "=== pretrain: stopped after 0s (SystemExit); re-run to resume" in capsys.readouterr().out
+    assert read_times(times)["pretrain"] >= 0.3 - 0.05
+    resumed = {}
+    with Stage("pretrain", resumed, times):       # the next invocation finishes the stage
+        time.sleep(0.2)
+    assert 0.2 - 0.05 <= resumed["pretrain"] < read_times(times)["pretrain"]
+    assert read_times(times)["pretrain"] >= 0.5 - 0.1 and set(read_times(times)) == {"done", "pretrain"}

@@ -214,13 +214,25 @@ def test_report_warts_fixed_legend_not_private_once_timings_table_and_zero_epsil
     nodp_line = next(ln for ln in md.splitlines() if ln.startswith("| No DP"))
     assert nodp_line.count("NOT PRIVATE") == 1
     assert "{'pack'" not in md and "| pack | 12 | 0.2 |" in md and "| **total** | 400 | 6.7 |" in md
-    assert "Times of this invocation" in md    # a resumed run's table is not the run's whole time
+    assert "Times of this invocation, the first in its folder" in md
+    assert "all invocations" not in md
     assert f"`{base}` (uses no private data, ε = 0)" in md and f"`{base}` (private)" not in md
     assert "| 0 (no private data) |" in md and f"`{dp}` (private)" in md
     labels = plot_privacy_utility(rows + [dict(r, paper=True) for r in PAPER_ROWS], tmp_path / "p.png")
     assert "DP-LDM (paper)" in labels and not any("(paper) (paper)" in x for x in labels)
     assert "pretrained only (ε = 0)" in labels                     # ε = 0 is a reference line on the log plot
     assert "No DP: CNN on real private data (ε = ∞)" in labels     # not "No DP: ... (no DP)"
+
+
+def test_a_resumed_runs_timings_show_every_invocation_beside_the_last(tmp_path):
+    """A run stopped and resumed by re-running: its report times the whole run (the sums the quickstart keeps in
+    --out/timings.json), not only the last invocation, which found most stages done."""
+    write_report(tmp_path / "r", [], set_sizes={
+        "timings_s": {"pack": 0.4, "pretrain": 22.0, "total": 60.0},
+        "timings_all_s": {"pack": 110.0, "pretrain": 1162.0, "total": 4484.0}})
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| pretrain | 1162 | 19.4 | 22 |" in md and "| **total** | 4484 | 74.7 | 60 |" in md
+    assert "This run was resumed" in md and "Times of this invocation, the first" not in md
 
 
 def test_explicit_seed_rows_are_flagged_loudly(tmp_path):

@@ -173,19 +173,32 @@ def _tables(rep: dict) -> list[str]:
     """Set sizes and stage timings, each as a table."""
     sizes = dict(rep["set_sizes"])
     timings = sizes.pop("timings_s", None)
+    all_times = sizes.pop("timings_all_s", None)    # a resumed run: each stage summed over every invocation
     lines = []
     if sizes:
         lines += ["", "## Set sizes", "", "| set | size |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sizes.items()]
         lines += ["", "FID on fewer than 10k images is biased upward: compare only at equal sizes."]
     if isinstance(timings, dict) and timings:
-        lines += ["", "## Stage timings", "", "| stage | seconds | minutes |", "|---|---:|---:|"]
+        lines += ["", "## Stage timings", ""]
+        if isinstance(all_times, dict) and all_times:
+            lines += ["| stage | seconds, all invocations | minutes, all invocations | seconds, this invocation |",
+                      "|---|---:|---:|---:|"]
+            for k, v in timings.items():
+                total = all_times.get(k, v)
+                name = f"**{k}**" if k == "total" else k
+                lines.append(f"| {name} | {float(total):.0f} | {float(total) / 60:.1f} | {float(v):.0f} |")
+            lines += ["", "This run was resumed by re-running it: \"all invocations\" sums the time of every "
+                      "invocation in its folder (stopped ones included), what the run cost end to end; \"this "
+                      "invocation\" counts only the work done in the last one."]
+            return lines
+        lines += ["| stage | seconds | minutes |", "|---|---:|---:|"]
         for k, v in timings.items():
             cells = [f"{float(v):.0f}", f"{float(v) / 60:.1f}"] if isinstance(v, (int, float)) else [str(v), ""]
             name = f"**{k}**" if k == "total" else k
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-        lines += ["", "Times of this invocation: a stage resumed or found done from an earlier one counts only the "
-                  "work done in this one."]
+        lines += ["", "Times of this invocation, the first in its folder: a stage found done (a re-run) counts only "
+                  "the work done in it."]
     return lines
 
 

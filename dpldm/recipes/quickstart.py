@@ -62,7 +62,8 @@ SELECTION_NOTE = (
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of every stage; `full` takes 18.6 minutes on 2 CPU cores (docs/results.md), `fast` ~3 (CI smoke)."""
+    """Sizes of every stage; `full` takes 18.6-33.9 minutes on 2 CPU cores, by the machine (docs/results.md),
+    `fast` ~3 (CI smoke)."""
     public_n: int
     private_n: int
     test_n: int
@@ -92,7 +93,8 @@ FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=2400, pr
 # eps, more steps at the same lr do not pay -- 800 x 512 collapsed to 52.6% at eps = 1, its adapters random-walked by
 # sigma 1.81 (docs/results.md) -- while a 5x batch cuts each step's noise sigma*C/B (sigma/B: 0.86e-3 -> 0.28e-3 at
 # eps = 10, 1.89e-3 -> 1.57e-3 at eps = 1) over the same 160 steps at the same lr. A public-reasoning choice: the
-# proxy (1,347 digits) cannot hold a batch of 2,560. Measured: 40 minutes on 2 cores, 95.9% / 93.4% (docs/results.md).
+# proxy (1,347 digits) cannot hold a batch of 2,560. Measured on 2 cores: 95.1% / 93.2% in 74.7 minutes (the
+# present recipe), 95.9% / 93.4% in 40.3 on a faster machine before the cosine decay (docs/results.md).
 LONG = Plan(public_n=0, private_n=0, test_n=0, ae_steps=600, unet_steps=4000, pretrain_batch=64, ft_steps=160,
             expected_batch=2560, multiplicity=1, synthetic_n=50000, baseline_n=50000, sample_steps=4, clf_epochs=5,
             clf_seeds=2, dpsgd_epochs=3)
@@ -111,11 +113,30 @@ GLYPHS_N = 30000   # glyphs:digits rendered for pretraining (full plan): ~40 s o
 PLANS = {"full": FULL, "long": LONG, "fast": FAST}
 
 
-class Stage:
-    """Prints a banner and the elapsed time of one stage."""
+TIMES = "timings.json"   # in --out: each stage's seconds summed over every invocation (resume by re-running)
 
-    def __init__(self, name: str, timings: dict):
-        self.name, self.timings = name, timings
+
+def read_times(path: Path) -> dict[str, float]:
+    """The per-stage sums in a TIMES file ({} before the first stage ends)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def add_time(path: Path, name: str, seconds: float) -> None:
+    """Add `seconds` to `name`'s sum in the TIMES file `path` (written whole, then renamed: a crash keeps the old)."""
+    times = read_times(path)
+    times[name] = round(times.get(name, 0.0) + seconds, 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(times, indent=1))
+    tmp.replace(path)
+
+
+class Stage:
+    """Prints a banner and the elapsed time of one stage. A stage that ends normally records its time in `timings`
+    (this invocation's); with `times` (a TIMES file) its time is also added to the sums of every invocation, stopped
+    or not: a run resumed by re-running then reports what it cost end to end."""
+
+    def __init__(self, name: str, timings: dict, times: Path | None = None):
+        self.name, self.timings, self.times = name, timings, times
 
     def __enter__(self):
         self.t0 = time.time()
@@ -124,6 +145,8 @@ class Stage:
 
     def __exit__(self, exc_type, *exc):
         elapsed = round(time.time() - self.t0, 1)
+        if self.times is not None:
+            add_time(self.times, self.name, elapsed)
         if exc_type is not None:   # stopped (a signal's checkpoint-and-exit, an error): not a stage's time
             print(f"=== {self.name}: stopped after {elapsed:.0f}s ({exc_type.__name__}); re-run to resume",
                   flush=True)
@@ -303,24 +326,33 @@ def _dpsgd_row(x_priv, y_priv, x_test, y_test, eps: float, epochs: int) -> dict:
 
 
 def main(args) -> int:
-
     plan = FAST if args.fast else PLANS[getattr(args, "plan", None) or "full"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    times = out / TIMES
     t_start = time.time()
-    with Stage(f"pack public ({plan.public}) and private (MNIST) shards", timings):
+    try:
+        return quickstart(args, plan, out, times, t_start)
+    finally:   # this invocation's whole time, however it ends
+        add_time(times, "total", time.time() - t_start)
+
+
+def quickstart(args, plan: Plan, out: Path, times: Path, t_start: float) -> int:
+    """The stages, each timed in this invocation and summed over every invocation in `times`."""
+    before = read_times(times).get("total", 0.0)      # earlier invocations in this --out (a resumed run)
+    timings: dict[str, float] = {}
+    with Stage(f"pack public ({plan.public}) and private (MNIST) shards", timings, times):
         data = pack_sets(out, plan, (public_set(plan)[0], "private", "test"))
-    with Stage("pretrain autoencoder + latent U-Net on public data (no DP)", timings):
+    with Stage("pretrain autoencoder + latent U-Net on public data (no DP)", timings, times):
         pipeline = pretrain_public(out, data, plan)
     cfgs = [finetune_cfg(out, pipeline, data, plan, eps) for eps in plan.epsilons]
-    with Stage("encode the private set once (the fine-tunes' shared latent cache)", timings):
+    with Stage("encode the private set once (the fine-tunes' shared latent cache)", timings, times):
         ensure_cache(cfgs[0], load_pipeline(str(pipeline)).vae)
     base_run = _pretrained_only_run(out, cfgs[-1])
     x_test, y_test = load_shards(str(data["test"]), channels=1, resolution=28)
     x_priv, y_priv = load_shards(str(data["private"]), channels=1, resolution=28)
     # independent jobs in 2 one-thread processes (dpldm/recipes/jobs.py: more work per second than one process)
-    with Stage("DP fine-tunes + sampling, pretrained-only sampling, DP-SGD baselines (2 processes)", timings):
+    with Stage("DP fine-tunes + sampling, pretrained-only sampling, DP-SGD baselines (2 processes)", timings, times):
         jobs = [(f"DP run eps={c.privacy.target_epsilon:g}", _dp_run, (c, plan.synthetic_n)) for c in cfgs]
         jobs.append(("sample from the pretrained model without fine-tuning", sampled, (base_run, plan.baseline_n)))
         # DP-SGD: one seed each (each run takes minutes on 2 cores)
@@ -330,10 +362,12 @@ def main(args) -> int:
     runs = [run for run, _ in done[:len(cfgs)]]
     for _, parts in done[:len(cfgs)]:
         timings.update(parts)
+        for name, seconds in parts.items():
+            add_time(times, name, seconds)
     dpsgd_rows = done[len(cfgs) + 1:]
 
     rows = []
-    with Stage("downstream CNN: synthetic → real MNIST test; baselines (2 processes)", timings):
+    with Stage("downstream CNN: synthetic → real MNIST test; baselines (2 processes)", timings, times):
         sets = []    # (row name, images, labels, epochs, notes, run)
         for run in runs + [base_run]:
             xs, ys = load_shards(str(run / "samples" / "shards"), channels=1, resolution=28)
@@ -360,14 +394,17 @@ def main(args) -> int:
         rows.append(row_from_ledger("No DP: CNN on real private data", {"private": False, "warnings": [
             "NOT PRIVATE: trained directly on the private data"]}, scores[-1]))
     timings["total"] = round(time.time() - t_start, 1)
+    sums = read_times(times)   # each stage's time over every invocation (this one's included)
+    all_times = {**{k: sums.get(k, v) for k, v in timings.items()}, "total": round(before + timings["total"], 1)}
     report = write_report(out / "report", rows, runs=runs + [base_run], paper_rows=PAPER_ROWS,
                           selection_note=SELECTION_NOTE,
                           set_sizes={"private": len(x_priv), "test": len(x_test), "synthetic_per_run": plan.synthetic_n,
-                                     "timings_s": timings,
+                                     "timings_s": timings, **({"timings_all_s": all_times} if before else {}),
                                      "mode": "fast" if args.fast else getattr(args, "plan", None) or "full"},
                           title=f"dpldm quickstart: DP-LoDA on MNIST with {PUBLIC_TITLES[plan.public]} pretraining",
                           discussion=discussion(rows, plan))
-    print(f"\nquickstart done in {timings['total']:.0f}s: report at {out / 'report' / 'report.md'}")
+    earlier = f" ({all_times['total']:.0f}s with the earlier invocations in {out})" if before else ""
+    print(f"\nquickstart done in {timings['total']:.0f}s{earlier}: report at {out / 'report' / 'report.md'}")
     for r in rows:
         acc = r.get("acc_mean")
         print(f"  {r['method']:<45} eps={r['epsilon']:<6.3g} acc={acc if acc is None else round(acc, 4)}")
