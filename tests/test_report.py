@@ -214,7 +214,7 @@ def test_report_warts_fixed_legend_not_private_once_timings_table_and_zero_epsil
     nodp_line = next(ln for ln in md.splitlines() if ln.startswith("| No DP"))
     assert nodp_line.count("NOT PRIVATE") == 1
     assert "{'pack'" not in md and "| pack | 12 | 0.2 |" in md and "| **total** | 400 | 6.7 |" in md
-    assert "Times of this invocation, the first in its folder" in md
+    assert "Times of this invocation; its folder records no earlier one" in md
     assert "all invocations" not in md
     assert f"`{base}` (uses no private data, ε = 0)" in md and f"`{base}` (private)" not in md
     assert "| 0 (no private data) |" in md and f"`{dp}` (private)" in md
@@ -232,7 +232,7 @@ def test_a_resumed_runs_timings_show_every_invocation_beside_the_last(tmp_path):
         "timings_all_s": {"pack": 110.0, "pretrain": 1162.0, "total": 4484.0}})
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| pretrain | 1162 | 19.4 | 22 |" in md and "| **total** | 4484 | 74.7 | 60 |" in md
-    assert "This run was resumed" in md and "Times of this invocation, the first" not in md
+    assert "This run was resumed" in md and "records no earlier one" not in md
 
 
 def test_explicit_seed_rows_are_flagged_loudly(tmp_path):

@@ -197,8 +197,8 @@ def _tables(rep: dict) -> list[str]:
             cells = [f"{float(v):.0f}", f"{float(v) / 60:.1f}"] if isinstance(v, (int, float)) else [str(v), ""]
             name = f"**{k}**" if k == "total" else k
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-        lines += ["", "Times of this invocation, the first in its folder: a stage found done (a re-run) counts only "
-                  "the work done in it."]
+        lines += ["", "Times of this invocation; its folder records no earlier one (the quickstart's timings.json). "
+                  "A stage found done counts only the work done in this invocation."]
     return lines
 
 
