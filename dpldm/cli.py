@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--real-test", required=True, help="real test shards")
     ev.add_argument("--out", default="", help="report directory (default: first RUN/report)")
     ev.add_argument("--classifier", choices=["cnn", "resnet9"], default=None)
+    ev.add_argument("--augment", choices=["none", "affine"], default=None,
+                    help="the synthetic-data classifiers' training views (the real-data baselines use none)")
     ev.add_argument("--seeds", type=int, default=None)
     ev.add_argument("--epochs", type=int, default=None)
     ev.add_argument("--no-fid", action="store_true")

@@ -38,10 +38,15 @@ def test_quickstart_fast_end_to_end(tmp_path):
         assert cfg.optim.decay == "cosine"
     nodp = [r for r in rows if r["method"].startswith("No DP")]
     assert nodp and nodp[0]["private"] is False
+    # the synthetic and public rows train on affine views (chosen on the proxy); the real-data references do not
+    for r in rows:
+        views = r["method"].startswith(("dpldm DP-LoDA", "pretrained only", "CNN on the public data"))
+        assert ("affine views" in (r.get("notes") or "")) == views, r
     assert (out / "report" / "privacy_utility.png").exists()
     md = (out / "report" / "report.md").read_text()
     assert "NOT PRIVATE" in md and "DP-LoDA (paper)" in md
     assert md.count("the classifier trained on DP-LoDA synthetic data") == 2   # verdict at eps = 10 and 1
+    assert "random affine views of each batch; the DP-SGD and No-DP classifiers on the real images" in md
     # a second run reuses every stage (resume by re-running) and writes the same table
     again = subprocess.run([str(dpldm), "quickstart", "--fast", "--out", str(out)], capture_output=True, text=True,
                            timeout=1500, env={**os.environ, "PYTHONWARNINGS": "ignore"})

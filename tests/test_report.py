@@ -114,7 +114,7 @@ def test_dpldm_evaluate_cli_writes_the_report(tmp_path, capsys):
         write_shards(xt[:300], yt[:300], tmp_path / "test")
         write_shards(x[1000:1400], y[1000:1400], tmp_path / "private")
         rc = main(["evaluate", str(runs[0]), str(runs[1]), "--real-test", str(tmp_path / "test"),
-                   "--no-fid", "--epochs", "10", "--seeds", "2", "--baselines",
+                   "--no-fid", "--epochs", "10", "--seeds", "2", "--baselines", "--augment", "affine",
                    "--real-train", str(tmp_path / "private")])
     finally:
         torch.set_num_threads(n)
@@ -123,6 +123,9 @@ def test_dpldm_evaluate_cli_writes_the_report(tmp_path, capsys):
     accs = {r["run"]: r["acc_mean"] for r in rep["rows"]}
     assert accs[str(runs[0])] > 0.5 > accs[str(runs[1])]     # real digits teach, noise does not
     base = {r["method"]: r for r in rep["rows"] if not r["run"]}
+    # --augment: the runs' classifiers train on affine views, the real-data baselines on the images as they are
+    assert [r["augment"] for r in rep["rows"] if r["run"]] == ["affine", "affine"]
+    assert base["No DP (real data)"]["augment"] == "none"
     assert base["No DP (real data)"]["private"] is False and base["No DP (real data)"]["acc_mean"] > 0.5
     dpsgd = base["DP-SGD classifier (opacus)"]
     assert dpsgd["epsilon"] == pytest.approx(2.0, rel=0.02) and dpsgd["sampling"] == "poisson"

@@ -78,3 +78,11 @@ def test_another_pretraining_budget_gets_its_own_public_pipeline():
     # candidates that keep the plan's pretraining share its pipeline folder
     for name in ("quickstart.yaml", "guidance 1.5", "half the DP steps", "8 sampler steps"):
         assert pretraining_suffix(split_overrides(FULL, CANDIDATES[name][0])[0], FULL) == ""
+
+
+def test_the_downstream_augmentation_candidate_reuses_the_plans_fine_tune():
+    from dpldm.recipes.quickstart import FULL
+    from dpldm.recipes.tune_proxy import CANDIDATES, eval_only, split_overrides
+    plan, rest = split_overrides(FULL, CANDIDATES["no downstream augmentation"][0])
+    assert FULL.clf_augment == "affine" and plan.clf_augment == "none" and rest == {}
+    assert eval_only("no downstream augmentation") and not eval_only("rank 2")

@@ -45,6 +45,7 @@ def main(args) -> int:
     arch = args.classifier or ecfg.classifier
     seeds = args.seeds if args.seeds is not None else ecfg.seeds
     epochs = args.epochs if args.epochs is not None else ecfg.epochs
+    augment = getattr(args, "augment", None) or ecfg.augment
     do_fid = ecfg.fid and not args.no_fid
     out = Path(args.out) if args.out else runs[0] / "report"
 
@@ -55,9 +56,9 @@ def main(args) -> int:
     for run in runs:
         ledger = read_ledger(run)
         x_syn, y_syn = load_shards(str(run / "samples" / "shards"), channels=channels, resolution=resolution)
-        log(f"evaluate: {run}: {len(x_syn)} synthetic images; training {seeds}× {arch} for {epochs} epochs",
-            err=True)
-        acc = evaluate_synthetic(x_syn, y_syn, x_test, y_test, arch, epochs, seeds, verbose=True)
+        log(f"evaluate: {run}: {len(x_syn)} synthetic images; training {seeds}× {arch} for {epochs} epochs"
+            f"{'' if augment == 'none' else f' on {augment} views'}", err=True)
+        acc = evaluate_synthetic(x_syn, y_syn, x_test, y_test, arch, epochs, seeds, verbose=True, augment=augment)
         fid = None
         if do_fid:
             n = min(len(x_syn), len(x_test), FID_MAX_IMAGES)
