@@ -134,6 +134,19 @@ def test_dpsgd_rejects_bad_budget(mnist):
         train_dpsgd_classifier(x[:100], y[:100], 1.0, 0.0)
 
 
+def test_dpsgd_affine_views_change_the_training_not_the_guarantee():
+    x, y = _tiny_set(16)
+    kw = dict(epochs=2, expected_batch_size=4, num_classes=2, width=4, seed=3)
+    plain, lp = train_dpsgd_classifier(x, y, 5.0, 1e-2, **kw)
+    views, lv = train_dpsgd_classifier(x, y, 5.0, 1e-2, augment="affine", **kw)
+    again, _ = train_dpsgd_classifier(x, y, 5.0, 1e-2, augment="affine", **kw)
+    assert not torch.equal(_weights(plain), _weights(views)) and torch.equal(_weights(views), _weights(again))
+    assert (lp["augment"], lv["augment"]) == ("none", "affine")
+    assert lv["noise_multiplier"] == lp["noise_multiplier"] and lv["epsilon"] == lp["epsilon"]
+    with pytest.raises(DpldmError, match="augment must be one of none, affine"):
+        train_dpsgd_classifier(x, y, 5.0, 1e-2, augment="crop", **kw)
+
+
 def _tiny_set(n=8):
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 2
