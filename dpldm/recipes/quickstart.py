@@ -96,8 +96,9 @@ FULL = Plan(public_n=0, private_n=0, test_n=0, ae_steps=300, unet_steps=2400, pr
 # eps, more steps at the same lr do not pay -- 800 x 512 collapsed to 52.6% at eps = 1, its adapters random-walked by
 # sigma 1.81 (docs/results.md) -- while a 5x batch cuts each step's noise sigma*C/B (sigma/B: 0.86e-3 -> 0.28e-3 at
 # eps = 10, 1.89e-3 -> 1.57e-3 at eps = 1) over the same 160 steps at the same lr. A public-reasoning choice: the
-# proxy (1,347 digits) cannot hold a batch of 2,560. Measured on 2 cores: 95.1% / 93.2% in 74.7 minutes (the
-# present recipe), 95.9% / 93.4% in 40.3 on a faster machine before the cosine decay (docs/results.md).
+# proxy (1,347 digits) cannot hold a batch of 2,560. Measured on 2 cores: 96.7% / 95.8% in 74.7 minutes (the
+# present recipe; 95.1% / 93.2% before the downstream affine views), 95.9% / 93.4% in 40.3 on a faster machine
+# before the cosine decay and the views (docs/results.md).
 LONG = Plan(public_n=0, private_n=0, test_n=0, ae_steps=600, unet_steps=4000, pretrain_batch=64, ft_steps=160,
             expected_batch=2560, multiplicity=1, synthetic_n=50000, baseline_n=50000, sample_steps=4, clf_epochs=5,
             clf_seeds=2, dpsgd_epochs=3)
