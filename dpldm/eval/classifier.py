@@ -7,7 +7,6 @@ DP-LDM / DPDM / DP-Diffusion ("train on synthetic, test on real").
     # {"mean": 0.93, "std": 0.004, "runs": [...], "images_per_s": ...}
     model = train_classifier(x_syn, y_syn, augment="affine")   # a fresh random affine view of each batch
 
-
 Images are float [N, C, H, W] in [0, 1] (see dpldm.eval.shards). No model here uses BatchNorm, so the
 same architectures serve the DP-SGD baseline (per-example gradients; no batch statistics).
 """

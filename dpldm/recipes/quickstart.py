@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from dpldm.config import Config, apply_mapping, load_config, save_config, to_dict
