@@ -45,7 +45,7 @@ def main(args) -> int:
     arch = args.classifier or ecfg.classifier
     seeds = args.seeds if args.seeds is not None else ecfg.seeds
     epochs = args.epochs if args.epochs is not None else ecfg.epochs
-    augment = getattr(args, "augment", None) or ecfg.augment
+    augment = args.augment or ecfg.augment
     do_fid = ecfg.fid and not args.no_fid
     out = Path(args.out) if args.out else runs[0] / "report"
 
