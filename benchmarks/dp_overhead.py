@@ -11,10 +11,13 @@ the largest micro-batch that fits):
         --sd-max-microbatch
 
 Estimate (not measured): the SD-1.5 U-Net forward at 32×32 latents is ~0.4 TFLOP per image, a training step
-~3× that, so at ~300 TFLOP/s bf16 sustained a step costs ~4 ms per image (~1 s at micro-batch 256) and the
-run is dominated by ~50 fresh processes (8 for the timed micro-batches, ~12 per variant for the search up to
-the 1024 cap, whose tries at 16 and 64 are the memory runs' own), each ~5 s of import, CUDA init and U-Net
-build: ~5 minutes in all.
+~3× that, so at ~300 TFLOP/s bf16 sustained a step costs ~4 ms per image (measured on an H200: 3.4 ms, non-DP LoRA at micro-batch 64) and the
+run is dominated by ~25 fresh processes (8 for the timed micro-batches, ~4–6 per variant for the search from
+16 up to the 1024 cap, whose tries at 16 and 64 are the memory runs' own). Measured on an H200 (2026-12-04):
+each child took ~27 s (import, CUDA init, U-Net build, the step; the large tries most), so the whole command
+needs ~12 minutes: more than one 10-minute device call. There, run the timed part and the search as two
+calls, or single tries by hand: `python3 benchmarks/dp_overhead.py --sd-child dp_ghost 576 --sd-kind lora
+--sd-dtype bf16` prints one try's JSON (peak_bytes, or the OOM).
 
 The model is the default latent U-Net (`ModelConfig()`: UNet2DConditionModel, channels [64, 128],
 cross-attention at the second level, MiniLM-sized 16×384 conditioning) on 8×8×4 latents. The quickstart
@@ -37,7 +40,7 @@ round (load drifts on a shared machine hit all alike); median over `--repeat` ro
 warm-up round. Memory: a fresh process per (kind, variant), growth of peak RSS during its first
 step on CPU, of `torch.cuda.max_memory_allocated` on GPU. Prints a table and writes the
 "DP overhead" section of docs/benchmarks.md (with `--sd`: the "DP at Stable-Diffusion scale" section).
-`--sd-max-microbatch` (CUDA only): per SD variant, the micro-batch doubled from 1 until
+`--sd-max-microbatch` (CUDA only): per SD variant, the micro-batch doubled from the smallest timed one until
 torch.cuda.OutOfMemoryError (or `--sd-max-cap`), then bisected between the last fit and the first OOM to
 within 10%; every try is a first step in a fresh process, so an OOM never poisons the next one.
 """
@@ -395,9 +398,10 @@ def sd_child(what: str, mb: int, args) -> dict:
 
 
 def max_microbatch(variant: str, res: dict, args) -> str:
-    """The largest micro-batch whose first step of `variant` completes, as a table cell: doubled from 1
-    until a try fails (OOM) or reaches --sd-max-cap, then bisected between the last fit and the first
-    failure to within 10%. Each try is a memory child (a fresh process); those --sd-microbatch ran are reused."""
+    """The largest micro-batch whose first step of `variant` completes, as a table cell: doubled from the
+    smallest --sd-microbatch (already measured) until a try fails (OOM) or reaches --sd-max-cap, then bisected
+    between the last fit and the first failure to within 10% (from 0 if the smallest fails). Each try is a
+    memory child (a fresh process); those --sd-microbatch ran are reused."""
     tries = {mb: r for (what, mb), r in res.items() if what == variant}
 
     def fits(mb: int) -> bool:
@@ -405,7 +409,7 @@ def max_microbatch(variant: str, res: dict, args) -> str:
             tries[mb] = sd_child(variant, mb, args)
             print(f"SD max micro-batch, {LABELS[variant]}, {mb}: {tries[mb].get('error', 'fits')}", flush=True)
         return "error" not in tries[mb]
-    fit, bad, mb = 0, None, 1
+    fit, bad, mb = 0, None, min(args.sd_microbatch)
     while bad is None and fit < args.sd_max_cap:
         if fits(mb):
             fit, mb = mb, min(2 * mb, args.sd_max_cap)
@@ -488,8 +492,9 @@ def sd_section(args) -> str:
             f"time: median of {args.sd_repeat} interleaved rounds after a warm-up, one process per micro-batch; "
             f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} "
             "cores. "
-            + ("Largest micro-batch: doubled from 1 until torch.cuda.OutOfMemoryError (or the cap), then "
-               "bisected to within 10%, each try a first step in a fresh process. " if maxes else "")
+            + ("Largest micro-batch: doubled from the smallest timed micro-batch until "
+               "torch.cuda.OutOfMemoryError (or the cap), then bisected to within 10%, each try a first step in "
+               "a fresh process. " if maxes else "")
             + "".join(f"{LABELS[v]} failed in {args.sd_dtype}: {msg}. " for v, msg in failed.items())
             + f"Reproduce: `{sd_command(args)}`. "
             + (f"In 24 GiB ({args.sd_dtype} weights + fp32 Adam state of the trainable parameters + the linear "
@@ -526,7 +531,8 @@ def main() -> None:
         print("\n" + text)
         if not args.no_doc:
             from common import write_section
-            write_section("DP at Stable-Diffusion scale", text)
+            import torch                  # one section per device kind: a GPU run keeps the CPU figures
+            write_section("DP at Stable-Diffusion scale" + (" on a GPU" if torch.cuda.is_available() else ""), text)
         return
     if args.child:
         kind, what = args.child
