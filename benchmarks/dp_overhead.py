@@ -10,14 +10,14 @@ the largest micro-batch that fits):
     .venv/bin/python benchmarks/dp_overhead.py --sd --sd-kind lora --sd-dtype bf16 --sd-microbatch 16 64 \
         --sd-max-microbatch
 
-Estimate (not measured): the SD-1.5 U-Net forward at 32×32 latents is ~0.4 TFLOP per image, a training step
-~3× that, so at ~300 TFLOP/s bf16 sustained a step costs ~4 ms per image (measured on an H200: 3.4 ms, non-DP LoRA at micro-batch 64) and the
-run is dominated by ~25 fresh processes (8 for the timed micro-batches, ~4–6 per variant for the search from
-16 up to the 1024 cap, whose tries at 16 and 64 are the memory runs' own). Measured on an H200 (2026-12-04):
-each child took ~27 s (import, CUDA init, U-Net build, the step; the large tries most), so the whole command
-needs ~12 minutes: more than one 10-minute device call. There, run the timed part and the search as two
-calls, or single tries by hand: `python3 benchmarks/dp_overhead.py --sd-child dp_ghost 576 --sd-kind lora
---sd-dtype bf16` prints one try's JSON (peak_bytes, or the OOM).
+Estimate: the SD-1.5 U-Net forward at 32×32 latents is ~0.4 TFLOP per image, a training step ~3× that, so at
+~300 TFLOP/s bf16 sustained a step costs ~4 ms per image (measured on an H200: 3.4 ms, non-DP LoRA at
+micro-batch 64) and the run is dominated by ~25 fresh processes (8 for the timed micro-batches, ~4–6 per variant
+for the search from 16 up to the 1024 cap, whose tries at 16 and 64 are the memory runs' own). Measured on an
+H200 (2026-12-04): each child took ~27 s (import, CUDA init, U-Net build, the step; the large tries most), so
+the whole command needs ~12 minutes: more than one 10-minute device call. There, run the timed part and the
+search as two calls, or single tries by hand: `python3 benchmarks/dp_overhead.py --sd-child dp_ghost 576
+--sd-kind lora --sd-dtype bf16` prints one try's JSON (peak_bytes, or the OOM).
 
 The model is the default latent U-Net (`ModelConfig()`: UNet2DConditionModel, channels [64, 128],
 cross-attention at the second level, MiniLM-sized 16×384 conditioning) on 8×8×4 latents. The quickstart
