@@ -1,4 +1,5 @@
-"""Whether the downstream classifier should train on random affine views, measured on public data only.
+"""Whether the downstream classifier should train on random affine views (and with smoothed labels), measured on
+public data only.
 
     .venv/bin/python scripts/downstream_views.py --test runs/quickstart/data/digits-test \
         runs/quickstart/proxy/quickstart-eps1/samples/shards [more sample shards or image sets ...]
@@ -15,6 +16,9 @@ never the private test set. One torch thread.
 also trains the DP-SGD baseline (the quickstart's recipe: 3 epochs, Poisson batches of 1,000, ε = 1 and 10) with
 and without the views on the public glyphs standing in for a private set (all but the last 5,000, which are its
 same-distribution test set, as MNIST test is MNIST train's), 2 explicit seeds each: public data, no private data.
+
+`--label-smoothing 0.1` adds a protocol to each: views with smoothed labels for the sets, the recipe as it is with
+smoothed labels for DP-SGD (round 13 of docs/results.md). `--first-seed` shifts the classifiers' seeds.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import time
 
 import torch
 
-from dpldm.eval.classifier import AUGMENTS, accuracy, evaluate_synthetic
+from dpldm.eval.classifier import accuracy, evaluate_synthetic
 from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
 from dpldm.eval.shards import load_shards
 
@@ -34,17 +38,23 @@ def main() -> None:
     ap.add_argument("--dpsgd", default="", help="a public labelled set to train the DP-SGD baseline on, both ways")
     ap.add_argument("--test", required=True, help="a public test set's shards (e.g. the proxy's digits-test)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--label-smoothing", type=float, default=0.0, help="also this label smoothing (0: not tried)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    ls = args.label_smoothing
+    protocols = [("none", 0.0), ("affine", 0.0)] + ([("affine", ls)] if ls else [])       # (views, label smoothing)
+    label = lambda a, s: a + (f" + label smoothing {s:g}" if s else "")                # noqa: E731
     xt, yt = load_shards(args.test, channels=1, resolution=28)
-    print("| set | images | epochs | " + " | ".join(f"{a} (mean ± std)" for a in AUGMENTS) + " | s |")
-    print("|---|---:|---:|" + "---:|" * len(AUGMENTS) + "---:|")
+    print("| set | images | epochs | " + " | ".join(f"{label(*p)} (mean ± std)" for p in protocols) + " | s |")
+    print("|---|---:|---:|" + "---:|" * len(protocols) + "---:|")
     for path in args.sets:
         x, y = load_shards(path, channels=1, resolution=28)
         epochs = max(1, round(5 * 30000 / len(x)))
         t0, cells = time.time(), []
-        for augment in AUGMENTS:
-            res = evaluate_synthetic(x, y, xt, yt, epochs=epochs, seeds=args.seeds, augment=augment)
+        for augment, smoothing in protocols:
+            res = evaluate_synthetic(x, y, xt, yt, epochs=epochs, seeds=args.seeds, augment=augment,
+                                     label_smoothing=smoothing, first_seed=args.first_seed)
             cells.append(f"{100 * res['mean']:.1f}% ± {100 * res['std']:.1f} "
                          f"({', '.join(f'{100 * r:.1f}' for r in res['runs'])})")
         print(f"| {path} | {len(x)} | {epochs} | {' | '.join(cells)} | {time.time() - t0:.0f} |", flush=True)
@@ -53,14 +63,15 @@ def main() -> None:
         held = {"held-out": (x[-5000:], y[-5000:]), "--test": (xt, yt)}
         x, y = x[:-5000], y[:-5000]
         print(f"\nDP-SGD on {len(x)} images of {args.dpsgd} (3 epochs, batches of 1,000), tested on its last 5,000 "
-              "(held-out) and on --test\n\n| ε | views | seed | held-out | --test |\n|---:|---|---:|---:|---:|")
+              "(held-out) and on --test\n\n| ε | protocol | seed | held-out | --test |\n|---:|---|---:|---:|---:|")
+        dpsgd_protocols = [("none", 0.0), ("affine", 0.0)] + ([("none", ls)] if ls else [])
         for eps in (1.0, 10.0):
-            for augment in AUGMENTS:
-                for seed in range(2):
+            for augment, smoothing in dpsgd_protocols:
+                for seed in range(args.first_seed, args.first_seed + 2):
                     model, _ = train_dpsgd_classifier(x, y, eps, 1e-5, epochs=3, expected_batch_size=1000, seed=seed,
-                                                      augment=augment)
+                                                      augment=augment, label_smoothing=smoothing)
                     accs = " | ".join(f"{100 * accuracy(model, a, b):.1f}%" for a, b in held.values())
-                    print(f"| {eps:g} | {augment} | {seed} | {accs} |", flush=True)
+                    print(f"| {eps:g} | {label(augment, smoothing)} | {seed} | {accs} |", flush=True)
 
 
 if __name__ == "__main__":

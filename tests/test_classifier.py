@@ -94,6 +94,26 @@ def test_affine_views_make_the_classifier_robust_to_pose(mnist):
         merge_seed_results([one, other])
 
 
+def test_label_smoothing_changes_the_training_and_is_recorded(mnist):
+    x, y = load_shards(str(mnist / "train"))
+    xt, yt = load_shards(str(mnist / "test"))
+    plain = train_classifier(x[:300], y[:300], epochs=2, seed=0)
+    smooth = train_classifier(x[:300], y[:300], epochs=2, seed=0, label_smoothing=0.1)
+    # smoothed targets: the same seed and batches, other weights, and less confident predictions on real digits
+    assert not torch.equal(plain.features[0].weight, smooth.features[0].weight)
+    with torch.no_grad():
+        top = lambda m: torch.softmax(m(xt[:200]), 1).max(1).values.mean()   # noqa: E731
+        assert top(smooth) < top(plain)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(DpldmError, match=r"label_smoothing must be in \[0, 1\)"):
+            train_classifier(x[:8], y[:8], label_smoothing=bad)
+    one = evaluate_synthetic(x[:200], y[:200], xt, yt, epochs=1, seeds=1, label_smoothing=0.1)
+    other = evaluate_synthetic(x[:200], y[:200], xt, yt, epochs=1, seeds=1, first_seed=1)
+    assert (one["label_smoothing"], other["label_smoothing"]) == (0.1, 0.0)
+    with pytest.raises(DpldmError, match="one train set and protocol"):
+        merge_seed_results([one, other])
+
+
 def test_models_have_no_batchnorm_and_accept_rgb32():
     for model in (SmallCNN(3, 10, 32), ResNet9(3, 10, width=8)):
         assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -145,6 +165,18 @@ def test_dpsgd_affine_views_change_the_training_not_the_guarantee():
     assert lv["noise_multiplier"] == lp["noise_multiplier"] and lv["epsilon"] == lp["epsilon"]
     with pytest.raises(DpldmError, match="augment must be one of none, affine"):
         train_dpsgd_classifier(x, y, 5.0, 1e-2, augment="crop", **kw)
+
+
+def test_dpsgd_label_smoothing_changes_the_training_not_the_guarantee():
+    x, y = _tiny_set(16)
+    kw = dict(epochs=2, expected_batch_size=4, num_classes=2, width=4, seed=3)
+    plain, lp = train_dpsgd_classifier(x, y, 5.0, 1e-2, **kw)
+    smooth, ls = train_dpsgd_classifier(x, y, 5.0, 1e-2, label_smoothing=0.1, **kw)
+    assert not torch.equal(_weights(plain), _weights(smooth))
+    assert (lp["label_smoothing"], ls["label_smoothing"]) == (0.0, 0.1)
+    assert ls["noise_multiplier"] == lp["noise_multiplier"] and ls["epsilon"] == lp["epsilon"]
+    with pytest.raises(DpldmError, match=r"label_smoothing must be in \[0, 1\)"):
+        train_dpsgd_classifier(x, y, 5.0, 1e-2, label_smoothing=1.5, **kw)
 
 
 def _tiny_set(n=8):

@@ -42,11 +42,15 @@ def test_quickstart_fast_end_to_end(tmp_path):
     for r in rows:
         views = r["method"].startswith(("dpldm DP-LoDA", "pretrained only", "CNN on the public data"))
         assert ("affine views" in (r.get("notes") or "")) == views, r
+        smoothed = views or r["method"].startswith("DP-SGD")     # DP-SGD too: it helps DP-SGD on public data
+        assert ("label smoothing 0.1" in (r.get("notes") or "")) == smoothed, r
+        assert r.get("label_smoothing", 0.0) == (0.1 if smoothed else 0.0), r
     assert (out / "report" / "privacy_utility.png").exists()
     md = (out / "report" / "report.md").read_text()
     assert "NOT PRIVATE" in md and "DP-LoDA (paper)" in md
     assert md.count("the classifier trained on DP-LoDA synthetic data") == 2   # verdict at eps = 10 and 1
     assert "random affine views of each batch; the DP-SGD and No-DP classifiers on the real images" in md
+    assert "Every classifier but No DP trains with label smoothing 0.1, DP-SGD included" in md
     # a second run reuses every stage (resume by re-running) and writes the same table
     again = subprocess.run([str(dpldm), "quickstart", "--fast", "--out", str(out)], capture_output=True, text=True,
                            timeout=1500, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -115,6 +115,7 @@ def test_dpldm_evaluate_cli_writes_the_report(tmp_path, capsys):
         write_shards(x[1000:1400], y[1000:1400], tmp_path / "private")
         rc = main(["evaluate", str(runs[0]), str(runs[1]), "--real-test", str(tmp_path / "test"),
                    "--no-fid", "--epochs", "10", "--seeds", "2", "--baselines", "--augment", "affine",
+                   "--label-smoothing", "0.1",
                    "--real-train", str(tmp_path / "private")])
     finally:
         torch.set_num_threads(n)
@@ -126,6 +127,9 @@ def test_dpldm_evaluate_cli_writes_the_report(tmp_path, capsys):
     # --augment: the runs' classifiers train on affine views, the real-data baselines on the images as they are
     assert [r["augment"] for r in rep["rows"] if r["run"]] == ["affine", "affine"]
     assert base["No DP (real data)"]["augment"] == "none"
+    assert [r["label_smoothing"] for r in rep["rows"] if r["run"]] == [0.1, 0.1]
+    assert base["No DP (real data)"]["label_smoothing"] == 0.0
+    assert base["DP-SGD classifier (opacus)"]["label_smoothing"] == 0.1      # the same smoothing as the runs
     assert base["No DP (real data)"]["private"] is False and base["No DP (real data)"]["acc_mean"] > 0.5
     dpsgd = base["DP-SGD classifier (opacus)"]
     assert dpsgd["epsilon"] == pytest.approx(2.0, rel=0.02) and dpsgd["sampling"] == "poisson"

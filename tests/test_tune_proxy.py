@@ -86,3 +86,6 @@ def test_the_downstream_augmentation_candidate_reuses_the_plans_fine_tune():
     plan, rest = split_overrides(FULL, CANDIDATES["no downstream augmentation"][0])
     assert FULL.clf_augment == "affine" and plan.clf_augment == "none" and rest == {}
     assert eval_only("no downstream augmentation") and not eval_only("rank 2")
+    plan, rest = split_overrides(FULL, CANDIDATES["no label smoothing"][0])
+    assert FULL.clf_label_smoothing == 0.1 and plan.clf_label_smoothing == 0.0 and rest == {}
+    assert eval_only("no label smoothing")

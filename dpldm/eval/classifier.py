@@ -6,6 +6,7 @@ DP-LDM / DPDM / DP-Diffusion ("train on synthetic, test on real").
     res = evaluate_synthetic(x_syn, y_syn, x_test, y_test, arch="cnn", epochs=10, seeds=3)
     # {"mean": 0.93, "std": 0.004, "runs": [...], "images_per_s": ...}
     model = train_classifier(x_syn, y_syn, augment="affine")   # a fresh random affine view of each batch
+    model = train_classifier(x_syn, y_syn, label_smoothing=0.1)  # targets 0.9 + 0.1/classes on the label
 
 Images are float [N, C, H, W] in [0, 1] (see dpldm.eval.shards). No model here uses BatchNorm, so the
 same architectures serve the DP-SGD baseline (per-example gradients; no batch statistics).
@@ -28,6 +29,9 @@ AUGMENTS = ("none", "affine")
 # 28 pixels, filled with 0 (the background of MNIST-like sets). Chosen on the public proxy (docs/results.md,
 # round 12): synthetic samples vary less in pose than real handwriting, and the classifier sees more of it.
 AFFINE = {"rotation": 0.15, "scale": 0.10, "shift": 2 / 28}
+# `label_smoothing` s: cross-entropy against (1 - s) on the image's label + s spread over all classes (Szegedy et
+# al. 2016). Generated images carry some whose content does not match their label; a smoothed target keeps the
+# classifier from fitting them with full confidence (chosen on the public proxy: docs/results.md, round 13).
 
 
 def random_affine(images: torch.Tensor, gen: torch.Generator, rotation: float = AFFINE["rotation"],
@@ -119,12 +123,14 @@ def _check(images: torch.Tensor, labels: torch.Tensor, what: str) -> None:
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, arch: str = "cnn", epochs: int = 10,
                      seed: int = 0, batch_size: int = 128, lr: float = 2e-3, num_classes: int | None = None,
-                     verbose: bool = False, augment: str = "none") -> nn.Module:
-    """Adam + cosine schedule, plain cross-entropy; `augment` "affine" trains on random_affine views of each
-    batch. Returns the model in eval mode with `model.images_per_s` (training throughput) set."""
+                     verbose: bool = False, augment: str = "none", label_smoothing: float = 0.0) -> nn.Module:
+    """Adam + cosine schedule, cross-entropy (smoothed by `label_smoothing`); `augment` "affine" trains on
+    random_affine views of each batch. Returns the model in eval mode with `model.images_per_s` set."""
     _check(images, labels, "train_classifier")
     if augment not in AUGMENTS:
         raise DpldmError(f"classifier augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise DpldmError(f"classifier label_smoothing must be in [0, 1); got {label_smoothing!r}")
     num_classes = num_classes or int(labels.max()) + 1
     torch.manual_seed(seed)
     model = build_classifier(arch, images.shape[1], num_classes, images.shape[-1])
@@ -140,7 +146,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, arch: str = "cn
         for i in range(0, len(images), batch_size):
             idx = perm[i:i + batch_size]
             batch = random_affine(images[idx], gen) if augment == "affine" else images[idx]
-            loss = F.cross_entropy(model(batch), labels[idx])
+            loss = F.cross_entropy(model(batch), labels[idx], label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -182,6 +188,7 @@ def evaluate_synthetic(train_images: torch.Tensor, train_labels: torch.Tensor, t
         if verbose:
             log(f"{arch} seed {seed}: accuracy {runs[-1]:.4f} ({speeds[-1]:.0f} img/s training)", err=True)
     return {"arch": arch, "epochs": epochs, "augment": train_kwargs.get("augment", "none"),
+            "label_smoothing": float(train_kwargs.get("label_smoothing", 0.0)),
             "n_train": len(train_images), "n_test": len(test_images), **_summary(runs, speeds)}
 
 
@@ -193,7 +200,8 @@ def _summary(runs: list[float], speeds: list[float]) -> dict:
 
 def merge_seed_results(parts: list[dict]) -> dict:
     """One evaluate_synthetic result from results of disjoint seed ranges of the same set and protocol."""
-    protocol = lambda p: (p["n_train"], p["epochs"], p["arch"], p.get("augment", "none"))  # noqa: E731
+    protocol = lambda p: (p["n_train"], p["epochs"], p["arch"], p.get("augment", "none"),  # noqa: E731
+                          p.get("label_smoothing", 0.0))
     if not parts or any(protocol(p) != protocol(parts[0]) for p in parts):
         raise DpldmError("merge_seed_results: needs results of one train set and protocol")
     return {**parts[0], **_summary([r for p in parts for r in p["runs"]], [s for p in parts for s in p["speeds"]])}

@@ -56,7 +56,8 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
                            momentum: float = DEFAULTS["momentum"], optimizer: str = "sgd",
                            arch: str = DEFAULTS["arch"], width: int = DEFAULTS["width"],
                            accountant: str = "pld", relation: str = "replace_one", seed: int | None = None,
-                           num_classes: int | None = None, verbose: bool = False, augment: str = "none"):
+                           num_classes: int | None = None, verbose: bool = False, augment: str = "none",
+                           label_smoothing: float = 0.0):
     """Train with opacus DP-SGD (Poisson sampling, per-example clipping to `max_grad_norm`, noise
     calibrated by dpldm's accountant to spend `target_epsilon` at `delta` over `epochs` under `relation`:
     replace-one by default, as the fine-tunes it is compared with, so both rows' ε mean the same thing).
@@ -64,12 +65,16 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
     secret seed; an explicit seed is for tests and is flagged "not a release" in the ledger's warnings.
     `augment` "affine": each example of a Poisson batch is seen as one random_affine view (its own clipped
     gradient, so the guarantee is unchanged); measured to cost accuracy here (docs/results.md, round 12).
+    `label_smoothing`: each example's cross-entropy against smoothed targets (a per-example loss like any other:
+    the guarantee is unchanged); measured on public data in docs/results.md, round 13.
     Returns (model in eval mode, ledger dict with epsilon spent, delta, accountant, noise_multiplier,
     sample_rate, steps, ...): nothing in it is computed from the private data beyond the accountant's output
     (throughput counts expected batches)."""
     _check(images, labels, "train_dpsgd_classifier")
     if augment not in AUGMENTS:
         raise DpldmError(f"dpsgd baseline: augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise DpldmError(f"dpsgd baseline: label_smoothing must be in [0, 1); got {label_smoothing!r}")
     n = len(images)
     if not 0 < delta < 1:
         raise DpldmError(f"dpsgd baseline: delta must be in (0, 1); got {delta}")
@@ -117,7 +122,7 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
                 x = random_affine(x, views)
             opt.zero_grad(set_to_none=True)
             if len(x):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
                 loss.backward()
             else:
                 _empty_per_sample_grads(opt)  # an empty Poisson batch: a noise-only step
@@ -134,6 +139,7 @@ def train_dpsgd_classifier(images: torch.Tensor, labels: torch.Tensor, target_ep
         "sample_rate": sample_rate, "steps": steps, "private": True, "sampling": "poisson",
         "max_grad_norm": max_grad_norm, "expected_batch_size": sample_rate * n, "dataset_size": n,
         "epochs": epochs, "lr": lr, "optimizer": optimizer, "arch": arch, "width": width, "augment": augment,
+        "label_smoothing": label_smoothing,
         "seconds": seconds, "images_per_s": steps * sample_rate * n / max(seconds, 1e-9),
         "relation": relation, "seed": "explicit" if explicit else "secret",
         "warnings": [EXPLICIT_SEED_WARNING] if explicit else [],

@@ -46,6 +46,7 @@ def main(args) -> int:
     seeds = args.seeds if args.seeds is not None else ecfg.seeds
     epochs = args.epochs if args.epochs is not None else ecfg.epochs
     augment = args.augment or ecfg.augment
+    smoothing = args.label_smoothing if args.label_smoothing is not None else ecfg.label_smoothing
     do_fid = ecfg.fid and not args.no_fid
     out = Path(args.out) if args.out else runs[0] / "report"
 
@@ -57,8 +58,10 @@ def main(args) -> int:
         ledger = read_ledger(run)
         x_syn, y_syn = load_shards(str(run / "samples" / "shards"), channels=channels, resolution=resolution)
         log(f"evaluate: {run}: {len(x_syn)} synthetic images; training {seeds}× {arch} for {epochs} epochs"
-            f"{'' if augment == 'none' else f' on {augment} views'}", err=True)
-        acc = evaluate_synthetic(x_syn, y_syn, x_test, y_test, arch, epochs, seeds, verbose=True, augment=augment)
+            f"{'' if augment == 'none' else f' on {augment} views'}"
+            f"{f', label smoothing {smoothing:g}' if smoothing else ''}", err=True)
+        acc = evaluate_synthetic(x_syn, y_syn, x_test, y_test, arch, epochs, seeds, verbose=True, augment=augment,
+                                 label_smoothing=smoothing)
         fid = None
         if do_fid:
             n = min(len(x_syn), len(x_test), FID_MAX_IMAGES)
@@ -71,7 +74,7 @@ def main(args) -> int:
     if args.baselines:
         if not args.real_train:
             raise DpldmError("evaluate: --baselines needs --real-train SHARDS (the real private training data)")
-        rows += _baselines(args.real_train, rows, x_test, y_test, arch, epochs, seeds, sizes)
+        rows += _baselines(args.real_train, rows, x_test, y_test, arch, epochs, seeds, sizes, smoothing)
     note = ("dpldm evaluate selected nothing: every run passed on the command line is reported, scored on the "
             "real test set (not the private training data).")
     if args.baselines:
@@ -88,8 +91,9 @@ def main(args) -> int:
 
 
 def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epochs: int, seeds: int,
-               sizes: dict) -> list[dict]:
-    """No-DP classifier on the real private data, and opacus DP-SGD at each private run's (ε, δ)."""
+               sizes: dict, label_smoothing: float = 0.0) -> list[dict]:
+    """No-DP classifier on the real private data, and opacus DP-SGD at each private run's (ε, δ) with the
+    synthetic classifiers' label smoothing (it helps DP-SGD too on public data: docs/results.md, round 13)."""
     x_tr, y_tr = load_shards(real_train, channels=x_test.shape[1], resolution=x_test.shape[-1])
     sizes["real private train"] = len(x_tr)
     log(f"evaluate: No-DP baseline on {len(x_tr)} real private images", err=True)
@@ -103,7 +107,8 @@ def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epo
         for seed in range(seeds):
             model, ledger = train_dpsgd_classifier(x_tr, y_tr, target_epsilon=eps, delta=delta,  # secret seed
                                                    expected_batch_size=batch,
-                                                   num_classes=int(max(y_tr.max(), y_test.max())) + 1, verbose=True)
+                                                   num_classes=int(max(y_tr.max(), y_test.max())) + 1, verbose=True,
+                                                   label_smoothing=label_smoothing)
             accs.append(accuracy(model, x_test, y_test))
             ledgers.append(ledger)
             log(f"evaluate: DP-SGD eps={eps:.3g} model {seed + 1}/{seeds}: accuracy {accs[-1]:.4f} "
@@ -111,7 +116,8 @@ def _baselines(real_train: str, rows: list[dict], x_test, y_test, arch: str, epo
         mean = sum(accs) / len(accs)
         std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
         # each of the `seeds` models is a separate private training on the real data: the total counts all
-        out.append(row_from_ledger("DP-SGD classifier (opacus)", ledger, {"mean": mean, "std": std, "runs": accs},
+        res = {"mean": mean, "std": std, "runs": accs, "label_smoothing": label_smoothing}
+        out.append(row_from_ledger("DP-SGD classifier (opacus)", ledger, res,
                                    notes=f"σ={ledger['noise_multiplier']:.2f}, q={ledger['sample_rate']:.3g}, "
                                          f"{ledger['steps']} steps, C={ledger['max_grad_norm']}", ledgers=ledgers))
     if not budgets:

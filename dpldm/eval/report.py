@@ -67,7 +67,8 @@ def row_from_ledger(method: str, ledger: dict, acc: dict | None = None, fid: dic
     }
     if acc:
         row.update(acc_mean=acc["mean"], acc_std=acc["std"], acc_runs=acc.get("runs", []),
-                   n_train=acc.get("n_train"), n_test=acc.get("n_test"), augment=acc.get("augment", "none"))
+                   n_train=acc.get("n_train"), n_test=acc.get("n_test"), augment=acc.get("augment", "none"),
+                   label_smoothing=acc.get("label_smoothing", 0.0))
     if fid:
         row.update(fid=fid["fid"], fid_n=fid.get("n_fake"))
     return row

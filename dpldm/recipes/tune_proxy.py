@@ -57,6 +57,7 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
     # sampling / downstream protocol only: these reuse the quickstart.yaml candidate's fine-tune
     "downstream 4x steps": ({"plan.clf_epochs": 20}, None),
     "no downstream augmentation": ({"plan.clf_augment": "none"}, None),   # the protocol before round 12
+    "no label smoothing": ({"plan.clf_label_smoothing": 0.0}, None),       # the protocol before round 13
     "2,000 samples at 8 sampler steps": ({"plan.synthetic_n": 2000, "plan.sample_steps": 8}, None),
     "8 sampler steps": ({"plan.sample_steps": 8}, None),
     "guidance 1": ({}, 1.0),
@@ -86,7 +87,7 @@ CANDIDATES: dict[str, tuple[dict, float | None]] = {
 }
 FAST_CANDIDATES = ("quickstart.yaml", "guidance 2", "C = 0.1")
 # Plan fields that change only sampling or the downstream classifier (not the fine-tune)
-EVAL_ONLY = {"clf_epochs", "clf_augment", "synthetic_n", "sample_steps"}
+EVAL_ONLY = {"clf_epochs", "clf_augment", "clf_label_smoothing", "synthetic_n", "sample_steps"}
 
 
 def proxy_sigma(plan: Plan, eps: float, delta: float, accountant: str, relation: str = "add_remove") -> float:
@@ -227,7 +228,8 @@ def main(args) -> int:
                     shards = run_candidate(cfg, guidance, n, steps, tag)
                 xs, ys = load_shards(str(shards), channels=1, resolution=28)
                 down = evaluate_synthetic(xs, ys, x_te, y_te, arch="cnn", epochs=proxy_epochs(cand_plan, len(xs)),
-                                          seeds=PROXY_SEEDS, augment=cand_plan.clf_augment)
+                                          seeds=PROXY_SEEDS, augment=cand_plan.clf_augment,
+                                          label_smoothing=cand_plan.clf_label_smoothing)
                 agreement.append(accuracy(scorer, xs, ys))
                 downstream.append(down["mean"])
             spread = torch.tensor(downstream, dtype=torch.float64)
