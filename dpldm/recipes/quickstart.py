@@ -64,7 +64,7 @@ SELECTION_NOTE = (
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of every stage; `full` takes 18.6-34.6 minutes on 2 CPU cores, by the machine (docs/results.md),
+    """Sizes of every stage; `full` takes 18.3-35.6 minutes on 2 CPU cores, by the machine (docs/results.md),
     `fast` ~3 (CI smoke)."""
     public_n: int
     private_n: int
