@@ -57,7 +57,8 @@ def worker(out: str) -> None:
     from dpldm.config import DistributedConfig, OptimConfig
     from dpldm.distributed.engine import make_engine
     from dpldm.distributed.env import all_reduce_sum_, init_distributed
-    from dpldm.privacy.dp_step import add_noise_and_normalize, clipped_grad_sum, noise_generator
+    from dpldm.privacy.dp_step import add_noise_and_normalize, noise_generator
+    from dpldm.privacy.ghost_clipping import ghost_clipped_grad_sum
 
     torch.set_num_threads(1)
     env = init_distributed("gloo")
@@ -74,14 +75,13 @@ def worker(out: str) -> None:
         trainable = {k: p for k, p in unet.named_parameters() if "attn" in k}
         for p in trainable.values():
             p.requires_grad_(True)
-        frozen = {k: p for k, p in unet.named_parameters() if k not in trainable}
         engine = make_engine(unet, trainable, OptimConfig(lr=1e-4),
                              DistributedConfig(deepspeed=str(ROOT / ds) if ds else "", backend="gloo"))
 
-        def loss_fn(params, x, c, noise):
-            pred = functional_call(unet, {**frozen, **params}, (x[None], torch.tensor([500])),
-                                   {"encoder_hidden_states": c[None], "return_dict": False})[0]
-            return (pred - noise[None]).pow(2).mean()
+        def batch_loss(params, x, c, noise):     # per-example losses of a micro-batch, as the trainer's
+            pred = functional_call(unet, params, (x, torch.full((len(x),), 500)),
+                                   {"encoder_hidden_states": c, "return_dict": False})[0]
+            return (pred - noise).pow(2).flatten(1).mean(1)
         local = EXPECTED_BS // env.world_size
         g = torch.Generator().manual_seed(env.rank)
         batch = (torch.randn(local, 4, 8, 8, generator=g), torch.randn(local, 4, 32, generator=g),
@@ -90,7 +90,7 @@ def worker(out: str) -> None:
         for step in range(WARMUP + STEPS):
             counter.clear()
             t0 = time.perf_counter()
-            grad_sum, _ = clipped_grad_sum(loss_fn, engine.params(), batch, 1.0, 8)
+            grad_sum, _ = ghost_clipped_grad_sum(unet, engine.params(), batch_loss, batch, 1.0, 8, rows_per_example=1)
             all_reduce_sum_(grad_sum)
             engine.set_grads(add_noise_and_normalize(grad_sum, 1.0, 1.0, EXPECTED_BS, noise_generator(0, step)))
             engine.step()
@@ -141,8 +141,9 @@ def main() -> None:
         p = two[name]["trainable"]
         rows.append(f"| {name} | {p:,} | {s1:.1f} | {s2:.1f} | {s2 / (2 * s1):.0%} | {detail} | "
                     f"{sent / 1e6:.2f} MB | {estimate(p, 2, name) / 1e6:.2f} MB |")
-    body = ("One DP logical step (expected batch 32, per-example clipping, noise once, micro-batch 8) on a "
-            "small diffusers U-Net with trainable attention projections; gloo, one thread per process. "
+    body = ("One DP logical step (expected batch 32, per-example clipping by the ghost / book-keeping engine "
+            "that `privacy.clipping: auto` picks, noise once, micro-batch 8) on a small diffusers U-Net with "
+            "trainable attention projections; gloo, one thread per process. "
             "Efficiency = samples/s on 2 processes / (2 × samples/s on 1). Collectives are counted by wrapping "
             "torch.distributed on one rank for one step: size of the full tensor each all-reduce, all-gather or "
             "reduce-scatter works on (MB = 1e6 bytes). A ring sends 2(W-1)/W of that per rank for an all-reduce, "
