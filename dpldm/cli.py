@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--augment", choices=["none", "affine"], default=None,
                     help="the synthetic-data classifiers' training views (the real-data baselines use none)")
     ev.add_argument("--label-smoothing", type=float, default=None,
-                    help="the synthetic-data classifiers' label smoothing in [0, 1) (the real-data baselines: 0)")
+                    help="the classifiers' label smoothing in [0, 1): the runs' and the DP-SGD baseline's (No DP: 0)")
     ev.add_argument("--seeds", type=int, default=None)
     ev.add_argument("--epochs", type=int, default=None)
     ev.add_argument("--no-fid", action="store_true")

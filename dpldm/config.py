@@ -180,7 +180,7 @@ class EvalConfig:
     """`dpldm evaluate` defaults: downstream classifiers and FID (docs/evaluation.md)."""
     classifier: Literal["cnn", "resnet9"] = "cnn"  # downstream classifier trained on synthetic images
     augment: Literal["none", "affine"] = "none"    # its training views: affine = random rotation/scale/shift
-    label_smoothing: float = 0.0    # its cross-entropy's label smoothing, in [0, 1)
+    label_smoothing: float = 0.0    # its (and --baselines' DP-SGD's) label smoothing, in [0, 1)
     epochs: int = 10                # classifier training epochs
     seeds: int = 3                  # classifier trainings per run (mean ± std reported)
     fid: bool = True                # compute FID against data.test

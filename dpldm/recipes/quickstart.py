@@ -84,7 +84,7 @@ class Plan:
     epsilons: tuple = (10.0, 1.0)
     public: str = "glyphs"   # the public pretraining set: a key of PUBLIC_SETS (chosen on the proxy)
     clf_augment: str = "affine"   # the downstream CNN's training views (eval.classifier.AUGMENTS; proxy, round 12)
-    clf_label_smoothing: float = 0.1   # its cross-entropy's label smoothing (synthetic/public rows; proxy, round 13)
+    clf_label_smoothing: float = 0.1   # its cross-entropy's label smoothing (synthetic/public rows, DP-SGD; round 13)
 
 
 # Downstream protocol (fixed on public data, docs/results.md): 30,000 synthetic images x 5 epochs, as many as the
