@@ -18,7 +18,9 @@ and without the views on the public glyphs standing in for a private set (all bu
 same-distribution test set, as MNIST test is MNIST train's), 2 explicit seeds each: public data, no private data.
 
 `--label-smoothing 0.1` adds a protocol to each: views with smoothed labels for the sets, the recipe as it is with
-smoothed labels for DP-SGD (round 13 of docs/results.md). `--first-seed` shifts the classifiers' seeds.
+smoothed labels for DP-SGD (round 13 of docs/results.md). `--mix-public SHARDS` adds, for each set, views on the set
+plus as many images drawn from SHARDS (e.g. the public glyphs) at half the epochs, so the same optimizer steps
+(round 13: measured, not adopted). `--first-seed` shifts the classifiers' seeds.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ from dpldm.eval.dpsgd_baseline import train_dpsgd_classifier
 from dpldm.eval.shards import load_shards
 
 
+def cell(res: dict) -> str:
+    return f"{100 * res['mean']:.1f}% ± {100 * res['std']:.1f} ({', '.join(f'{100 * r:.1f}' for r in res['runs'])})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sets", nargs="*", help="shard folders of labelled images (28×28 gray after loading)")
@@ -40,14 +46,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--label-smoothing", type=float, default=0.0, help="also this label smoothing (0: not tried)")
+    ap.add_argument("--mix-public", default="", help="also train on each set + as many of these images")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ls = args.label_smoothing
     protocols = [("none", 0.0), ("affine", 0.0)] + ([("affine", ls)] if ls else [])       # (views, label smoothing)
     label = lambda a, s: a + (f" + label smoothing {s:g}" if s else "")                # noqa: E731
     xt, yt = load_shards(args.test, channels=1, resolution=28)
-    print("| set | images | epochs | " + " | ".join(f"{label(*p)} (mean ± std)" for p in protocols) + " | s |")
-    print("|---|---:|---:|" + "---:|" * len(protocols) + "---:|")
+    mix = args.mix_public and load_shards(args.mix_public, channels=1, resolution=28)
+    mixed = ["affine + as many public images"] if mix else []
+    print("| set | images | epochs | " + " | ".join(f"{h} (mean ± std)" for h in [label(*p) for p in protocols] + mixed)
+          + " | s |")
+    print("|---|---:|---:|" + "---:|" * (len(protocols) + len(mixed)) + "---:|")
     for path in args.sets:
         x, y = load_shards(path, channels=1, resolution=28)
         epochs = max(1, round(5 * 30000 / len(x)))
@@ -55,8 +65,13 @@ def main() -> None:
         for augment, smoothing in protocols:
             res = evaluate_synthetic(x, y, xt, yt, epochs=epochs, seeds=args.seeds, augment=augment,
                                      label_smoothing=smoothing, first_seed=args.first_seed)
-            cells.append(f"{100 * res['mean']:.1f}% ± {100 * res['std']:.1f} "
-                         f"({', '.join(f'{100 * r:.1f}' for r in res['runs'])})")
+            cells.append(cell(res))
+        if mix:
+            pick = torch.randperm(len(mix[0]), generator=torch.Generator().manual_seed(0))[:len(x)]
+            res = evaluate_synthetic(torch.cat([x, mix[0][pick]]), torch.cat([y, mix[1][pick]]), xt, yt,
+                                     epochs=max(1, round(epochs / 2)), seeds=args.seeds, augment="affine",
+                                     first_seed=args.first_seed)
+            cells.append(cell(res))
         print(f"| {path} | {len(x)} | {epochs} | {' | '.join(cells)} | {time.time() - t0:.0f} |", flush=True)
     if args.dpsgd:
         x, y = load_shards(args.dpsgd, channels=1, resolution=28)
